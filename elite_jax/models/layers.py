@@ -1,0 +1,146 @@
+"""Building blocks shared by every model: layers with logical axis names, attention, resizing.
+
+Parameter names follow the PyTorch modules of diffusers/transformers (``to_q``, ``ff/net_0/proj``...), so that a
+checkpoint converts by a mechanical renaming (see ``elite_jax.convert``). Every kernel carries logical axis names;
+``elite_jax.sharding`` maps them onto mesh axes through one rules table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Logical axis names used on parameters (see elite_jax/sharding.py for the rules table).
+EMBED = "embed"  # model width on the input side of a projection
+MLP = "mlp"  # hidden width of an MLP / output side of a projection
+HEADS = "heads"  # concatenated attention heads (heads * head_dim)
+CONV_IN = "conv_in"
+CONV_OUT = "conv_out"
+VOCAB = "vocab"
+NORM = "norm"
+
+
+def _part(init, axes: Sequence[str | None]):
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True, dtype: Dtype = None,
+          name: str | None = None) -> nn.Dense:
+  """nn.Dense whose kernel (and bias) carry logical axis names ``axes`` = (in, out)."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                  kernel_init=_part(nn.initializers.lecun_normal(), axes),
+                  bias_init=_part(nn.initializers.zeros_init(), axes[1:]))
+
+
+def conv(features: int, kernel: int = 3, *, stride: int = 1, padding: int | str = "same", dtype: Dtype = None,
+         use_bias: bool = True, name: str | None = None) -> nn.Conv:
+  """A square NHWC convolution with PyTorch's symmetric integer padding (``padding=kernel//2`` by default)."""
+  pad = kernel // 2 if padding == "same" else padding
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 use_bias=use_bias, dtype=dtype, name=name,
+                 kernel_init=_part(nn.initializers.lecun_normal(), (None, None, CONV_IN, CONV_OUT)),
+                 bias_init=_part(nn.initializers.zeros_init(), (CONV_OUT,)))
+
+
+def group_norm(groups: int, eps: float, *, dtype: Dtype = None, name: str | None = None) -> nn.GroupNorm:
+  # Statistics in float32 whatever the compute dtype: bf16 group statistics drift visibly over a UNet.
+  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name,
+                      scale_init=_part(nn.initializers.ones_init(), (NORM,)),
+                      bias_init=_part(nn.initializers.zeros_init(), (NORM,)))
+
+
+def layer_norm(eps: float, *, dtype: Dtype = None, name: str | None = None, axis_name: str = NORM) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
+                      scale_init=_part(nn.initializers.ones_init(), (axis_name,)),
+                      bias_init=_part(nn.initializers.zeros_init(), (axis_name,)))
+
+
+def embed(num: int, features: int, *, dtype: Dtype = None, name: str | None = None) -> nn.Embed:
+  return nn.Embed(num, features, dtype=dtype, name=name,
+                  embedding_init=_part(nn.initializers.normal(0.02), (VOCAB, EMBED)))
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  # PyTorch's nn.GELU / F.gelu default is the exact erf form (the tanh form costs ~2e-4 against it).
+  return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu, "silu": nn.silu, "swish": nn.silu}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------------
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+  """(B, L, heads*d) -> (B, L, heads, d), the layout of jax.nn.dot_product_attention."""
+  b, l, c = x.shape
+  return x.reshape(b, l, heads, c // heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  b, l, h, d = x.shape
+  return x.reshape(b, l, h * d)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None, upcast: bool = False,
+              implementation: str | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v on (B, L, H, D) tensors.
+
+  ``upcast`` computes scores and softmax in float32 whatever the input dtype (diffusers' ``upcast_attention`` and
+  ``upcast_softmax``, needed by SD 2.1 in half precision). ``implementation`` is passed to
+  jax.nn.dot_product_attention (None lets XLA choose; "cudnn" selects the fused kernel on GPU in bf16/fp16).
+  """
+  if upcast and q.dtype != jnp.float32:
+    out = attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask=mask)
+    return out.astype(q.dtype)
+  if implementation == "cudnn" and (q.dtype == jnp.float32 or mask is not None):
+    implementation = None  # the cuDNN kernel takes half precision only; fall back to XLA
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+  """Scaled scores (B, H, Lq, Lk), computed as the official ELITE code does: matmul, then * d^-0.5."""
+  scale = q.shape[-1] ** -0.5
+  return jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resizing that reproduces PyTorch exactly
+# ---------------------------------------------------------------------------------------------------------------
+
+def torch_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source indices of torch's legacy ``mode='nearest'``: floor(dst * in / out) (not half-pixel centres).
+
+  ATen computes the scale and the product in float32; so do we, to pick the same rows in every case.
+  """
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, in_size - 1)
+
+
+def resize_nearest_torch(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """NHWC nearest resize with torch's legacy indexing (used by diffusers' Upsample2D and ELITE's masks)."""
+  h, w = x.shape[1:3]
+  if (h, w) == tuple(size):
+    return x
+  if size[0] == 2 * h and size[1] == 2 * w:
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  x = jnp.take(x, jnp.asarray(torch_nearest_indices(h, size[0])), axis=1)
+  return jnp.take(x, jnp.asarray(torch_nearest_indices(w, size[1])), axis=2)

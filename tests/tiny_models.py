@@ -1,0 +1,198 @@
+"""Small random models saved the way the real ones are, for tests that go through the real loading code.
+
+Nothing here is downloaded: the diffusers / transformers PyTorch classes are built with tiny configs, given random
+weights and written with ``save_pretrained`` (or as the official ELITE .pt files); a tiny CLIP BPE vocabulary makes a
+working CLIPTokenizer in which every word of the test prompts is one token, as in the real vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Words that get a single BPE token (as they do in the real CLIP vocabulary); any other word splits into characters.
+WORDS = ("a", "photo", "of", "s", "the", "on", "beach", "dog", "cat", "in", "snow", "jungle", "red", "with", "far",
+         "away", "very", "small", "zoomed", "close", "up", "rendering", "cropped", "clean", "dark", "bright", "cool",
+         "good", "nice", "weird", "large", "one", "and", "my", "it", "there", "is", "at", "teapot", "backpack", "top",
+         "wooden", "floor", "city", "background", "blue", "house", "green", "grass", "pink", "fabric", "shiny", "wet",
+         "purple", "cube", "shaped", "mountain", "street", "sneaker", "toy", "bowl", "vase", "hat", "rug")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, map(chr, cs)))
+
+
+def write_tokenizer(folder: Path, words=WORDS) -> int:
+  """A CLIPTokenizer folder; returns the vocabulary size (special tokens last, as in CLIP)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  chars = list(_bytes_to_unicode().values())
+  vocab: list[str] = chars + [c + "</w>" for c in chars]
+  merges: list[str] = []
+  for word in words:
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(symbols) > 1:
+      merged = symbols[0] + symbols[1]
+      pair = f"{symbols[0]} {symbols[1]}"
+      if pair not in merges:
+        merges.append(pair)
+        vocab.append(merged)
+      symbols = [merged] + symbols[2:]
+  vocab += ["<|startoftext|>", "<|endoftext|>"]
+  vocab_ids = {}
+  for token in vocab:
+    vocab_ids.setdefault(token, len(vocab_ids))
+  (folder / "vocab.json").write_text(json.dumps(vocab_ids))
+  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+  (folder / "tokenizer_config.json").write_text(json.dumps({
+      "model_max_length": 77, "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
+      "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}))
+  return len(vocab_ids)
+
+
+def randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+  """Perturb every parameter, so that zero-initialised layers (and exact symmetries) do not hide mistakes."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.add_(scale * torch.randn(p.shape, generator=g))
+  return module.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs: the SD 1.x shape in miniature (3 levels, cross-attention in the first two, 8 heads, context 768 is
+# replaced by TEXT_DIM to stay small), and an SD 2.x-like variant.
+# ---------------------------------------------------------------------------------------------------------------
+
+TEXT_DIM = 32
+
+
+def unet_config_sd1(cross_attention_dim: int = TEXT_DIM) -> dict:
+  return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64),
+              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+              cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8)
+
+
+def unet_config_sd2() -> dict:
+  return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64),
+              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+              cross_attention_dim=48, attention_head_dim=[2, 4, 4], use_linear_projection=True,
+              upcast_attention=True, norm_num_groups=8)
+
+
+def vae_config() -> dict:
+  return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+              up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+              latent_channels=4, norm_num_groups=8, sample_size=32)
+
+
+def text_config(vocab_size: int) -> dict:
+  # Special tokens are the last two ids, as in CLIP (write_tokenizer puts them there).
+  return dict(vocab_size=vocab_size, hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=16,
+              bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+
+
+def vision_config(num_layers: int = 24) -> dict:
+  # image_size 224 / patch 14: the real 16x16 patch grid (ELITE's local tokens are 256), only narrow and shallow.
+  return dict(image_size=224, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+              num_attention_heads=4, hidden_act="quick_gelu", projection_dim=16)
+
+
+def make_unet(config: dict, seed: int = 0):
+  from diffusers import UNet2DConditionModel
+  torch.manual_seed(seed)
+  return randomize(UNet2DConditionModel(**config), seed)
+
+
+def make_vae(seed: int = 0):
+  from diffusers import AutoencoderKL
+  torch.manual_seed(seed)
+  return randomize(AutoencoderKL(**vae_config()), seed)
+
+
+def make_text_encoder(vocab_size: int, seed: int = 0):
+  from transformers import CLIPTextConfig, CLIPTextModel
+  torch.manual_seed(seed)
+  return randomize(CLIPTextModel(CLIPTextConfig(**text_config(vocab_size))), seed, scale=0.02)
+
+
+def make_vision_encoder(seed: int = 0, full_clip: bool = False, num_layers: int = 24):
+  from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModel, CLIPModel
+  torch.manual_seed(seed)
+  if full_clip:
+    cfg = CLIPConfig(text_config=text_config(600), vision_config=vision_config(num_layers), projection_dim=16)
+    return randomize(CLIPModel(cfg), seed, scale=0.02)
+  return randomize(CLIPVisionModel(CLIPVisionConfig(**vision_config(num_layers))), seed, scale=0.02)
+
+
+def write_sd_folder(root: Path, *, seed: int = 0, unet_config: dict | None = None,
+                    safe_serialization: bool = True) -> Path:
+  """A diffusers-format SD folder with random weights: model_index.json, unet, vae, text_encoder, tokenizer,
+  scheduler (SD v1-4's scheduler config)."""
+  root.mkdir(parents=True, exist_ok=True)
+  vocab = write_tokenizer(root / "tokenizer")
+  make_unet(unet_config or unet_config_sd1(), seed).save_pretrained(root / "unet",
+                                                                     safe_serialization=safe_serialization)
+  make_vae(seed + 1).save_pretrained(root / "vae", safe_serialization=safe_serialization)
+  make_text_encoder(vocab, seed + 2).save_pretrained(root / "text_encoder", safe_serialization=safe_serialization)
+  (root / "scheduler").mkdir(exist_ok=True)
+  (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD14_SCHEDULER))
+  (root / "model_index.json").write_text(json.dumps({
+      "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+      "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"]}))
+  return root
+
+
+SD14_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Official-format ELITE mappers (spec 7 key names), with random weights
+# ---------------------------------------------------------------------------------------------------------------
+
+def official_mapper_state(attn2_names: list[str], attn2_dims: list[int], *, input_dim: int, output_dim: int,
+                          hidden: int = 1024, context_dim: int = 768, words: int = 5, seed: int = 0,
+                          ) -> dict[str, torch.Tensor]:
+  """A state dict laid out as the official Mapper / MapperLocal (+ the per-attn2 K/V copies), random values."""
+  g = torch.Generator().manual_seed(seed)
+  rnd = lambda *shape, s=0.05: s * torch.randn(*shape, generator=g)
+  state: dict[str, torch.Tensor] = {}
+  for i in range(words):
+    for prefix in (f"mapping_{i}", f"mapping_patch_{i}"):
+      state[f"{prefix}.0.weight"] = rnd(hidden, input_dim)
+      state[f"{prefix}.0.bias"] = rnd(hidden)
+      state[f"{prefix}.1.weight"] = 1 + rnd(hidden)
+      state[f"{prefix}.1.bias"] = rnd(hidden)
+      state[f"{prefix}.3.weight"] = rnd(hidden, hidden)
+      state[f"{prefix}.3.bias"] = rnd(hidden)
+      state[f"{prefix}.4.weight"] = 1 + rnd(hidden)
+      state[f"{prefix}.4.bias"] = rnd(hidden)
+      state[f"{prefix}.6.weight"] = rnd(output_dim, hidden)
+      state[f"{prefix}.6.bias"] = rnd(output_dim)
+  for name, dim in zip(attn2_names, attn2_dims):
+    state[f"{name.replace('.', '_')}_to_k.weight"] = rnd(dim, context_dim, s=0.2)
+    state[f"{name.replace('.', '_')}_to_v.weight"] = rnd(dim, context_dim, s=0.2)
+  return state
+
+
+def attn2_modules(unet) -> list[tuple[str, torch.nn.Module]]:
+  """The attn2 modules of a diffusers UNet in the official checkpoint's order: down blocks, up blocks, mid block."""
+  found = [(n, m) for n, m in unet.named_modules() if n.endswith("attn2")]
+  order = lambda n: (0 if n.startswith("down") else 1 if n.startswith("up") else 2)
+  return sorted(found, key=lambda item: order(item[0]))  # stable: keeps named_modules order within a group
