@@ -13,51 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Words that get a single BPE token (as they do in the real CLIP vocabulary); any other word splits into characters.
-WORDS = ("a", "photo", "of", "s", "the", "on", "beach", "dog", "cat", "in", "snow", "jungle", "red", "with", "far",
-         "away", "very", "small", "zoomed", "close", "up", "rendering", "cropped", "clean", "dark", "bright", "cool",
-         "good", "nice", "weird", "large", "one", "and", "my", "it", "there", "is", "at", "teapot", "backpack", "top",
-         "wooden", "floor", "city", "background", "blue", "house", "green", "grass", "pink", "fabric", "shiny", "wet",
-         "purple", "cube", "shaped", "mountain", "street", "sneaker", "toy", "bowl", "vase", "hat", "rug")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return dict(zip(bs, map(chr, cs)))
-
-
-def write_tokenizer(folder: Path, words=WORDS) -> int:
-  """A CLIPTokenizer folder; returns the vocabulary size (special tokens last, as in CLIP)."""
-  folder.mkdir(parents=True, exist_ok=True)
-  chars = list(_bytes_to_unicode().values())
-  vocab: list[str] = chars + [c + "</w>" for c in chars]
-  merges: list[str] = []
-  for word in words:
-    symbols = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(symbols) > 1:
-      merged = symbols[0] + symbols[1]
-      pair = f"{symbols[0]} {symbols[1]}"
-      if pair not in merges:
-        merges.append(pair)
-        vocab.append(merged)
-      symbols = [merged] + symbols[2:]
-  vocab += ["<|startoftext|>", "<|endoftext|>"]
-  vocab_ids = {}
-  for token in vocab:
-    vocab_ids.setdefault(token, len(vocab_ids))
-  (folder / "vocab.json").write_text(json.dumps(vocab_ids))
-  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-  (folder / "tokenizer_config.json").write_text(json.dumps({
-      "model_max_length": 77, "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
-      "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}))
-  return len(vocab_ids)
+from elite_jax.random_preset import SD14_SCHEDULER, WORDS, write_tokenizer  # noqa: F401  (one tokenizer for all)
 
 
 def randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -93,8 +49,9 @@ def unet_config_sd2() -> dict:
 
 
 def vae_config() -> dict:
-  return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-              up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+  # Four levels, as SD's: the latent is 1/8 of the image.
+  return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
               latent_channels=4, norm_num_groups=8, sample_size=32)
 
 
@@ -139,27 +96,22 @@ def make_vision_encoder(seed: int = 0, full_clip: bool = False, num_layers: int 
 
 
 def write_sd_folder(root: Path, *, seed: int = 0, unet_config: dict | None = None,
-                    safe_serialization: bool = True) -> Path:
+                    safe_serialization: bool = True) -> dict:
   """A diffusers-format SD folder with random weights: model_index.json, unet, vae, text_encoder, tokenizer,
-  scheduler (SD v1-4's scheduler config)."""
+  scheduler (SD v1-4's scheduler config). Returns the PyTorch models that were saved."""
   root.mkdir(parents=True, exist_ok=True)
   vocab = write_tokenizer(root / "tokenizer")
-  make_unet(unet_config or unet_config_sd1(), seed).save_pretrained(root / "unet",
-                                                                     safe_serialization=safe_serialization)
-  make_vae(seed + 1).save_pretrained(root / "vae", safe_serialization=safe_serialization)
-  make_text_encoder(vocab, seed + 2).save_pretrained(root / "text_encoder", safe_serialization=safe_serialization)
+  models = {"unet": make_unet(unet_config or unet_config_sd1(), seed), "vae": make_vae(seed + 1),
+            "text_encoder": make_text_encoder(vocab, seed + 2)}
+  for name, model in models.items():
+    model.save_pretrained(root / name, safe_serialization=safe_serialization)
   (root / "scheduler").mkdir(exist_ok=True)
   (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD14_SCHEDULER))
   (root / "model_index.json").write_text(json.dumps({
       "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
       "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
       "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"]}))
-  return root
-
-
-SD14_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+  return models
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""A tiny Stable Diffusion + ELITE with random weights, built in memory: for checking an install offline.
+
+RANDOM WEIGHTS: the images it makes are noise. It exercises every part of the real pipeline (tokeniser, text
+injection, image encoder, both mappers, the ELITE UNet, scheduler loop, VAE decode) in seconds, with no download.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from elite_jax import weights
+from elite_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig, CLIPVisionTransformer
+from elite_jax.models.mappers import GlobalMapper, LocalMapper, MapperConfig
+from elite_jax.models.unet import UNet, UNetConfig
+from elite_jax.models.vae import AutoencoderKL, VAEConfig
+
+SD14_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+
+# Words that become one BPE token each (as in the real CLIP vocabulary); other words split into characters.
+WORDS = ("a", "photo", "of", "s", "the", "on", "beach", "dog", "cat", "in", "snow", "jungle", "red", "with", "far",
+         "away", "very", "small", "zoomed", "close", "up", "rendering", "cropped", "clean", "dark", "bright", "cool",
+         "good", "nice", "weird", "large", "one", "and", "my", "it", "there", "is", "at", "teapot", "backpack", "top",
+         "wooden", "floor", "city", "background", "blue", "house", "green", "grass", "pink", "fabric", "shiny", "wet",
+         "purple", "cube", "shaped", "mountain", "street", "sneaker", "toy", "bowl", "vase", "hat", "rug")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  # CLIP's byte-level alphabet (printable bytes map to themselves, the rest to code points from 256 on).
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, map(chr, cs)))
+
+
+def write_tokenizer(folder: Path, words=WORDS) -> int:
+  """A working CLIPTokenizer folder with a tiny vocabulary; returns its size (special tokens last, as in CLIP)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  chars = list(_bytes_to_unicode().values())
+  vocab: list[str] = chars + [c + "</w>" for c in chars]
+  merges: list[str] = []
+  for word in words:
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(symbols) > 1:
+      merged, pair = symbols[0] + symbols[1], f"{symbols[0]} {symbols[1]}"
+      if pair not in merges:
+        merges.append(pair)
+        vocab.append(merged)
+      symbols = [merged] + symbols[2:]
+  vocab += ["<|startoftext|>", "<|endoftext|>"]
+  ids: dict[str, int] = {}
+  for token in vocab:
+    ids.setdefault(token, len(ids))
+  (folder / "vocab.json").write_text(json.dumps(ids))
+  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+  (folder / "tokenizer_config.json").write_text(json.dumps({
+      "model_max_length": 77, "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
+      "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}))
+  return len(ids)
+
+
+def random_pipeline(seed: int = 0, dtype=jnp.float32):
+  """An ElitePipeline of tiny random models (with a local mapper). Images from it are noise."""
+  from elite_jax.pipeline import ElitePipeline, MapperBundle
+  folder = Path(tempfile.mkdtemp(prefix="elite_jax_random_"))
+  vocab = write_tokenizer(folder / "tokenizer")
+  from transformers import CLIPTokenizer
+  tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+  width = 32
+  unet_cfg = UNetConfig(block_out_channels=(32, 32, 64), layers_per_block=1, heads=(4, 4, 4),
+                        transformer_layers_per_block=(1, 1, 1), cross_attention_dim=width, norm_num_groups=8,
+                        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+  vae_cfg = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)
+  text_cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, eos_token_id=vocab - 1)
+  vis_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_attention_heads=4)
+  map_cfg = MapperConfig(input_dim=32, hidden_dim=32, output_dim=width)
+  keys = jax.random.split(jax.random.key(seed), 8)
+  init = lambda m, k, *a: nn.meta.unbox(m.init(k, *a)["params"])
+  unet, vae = UNet(unet_cfg, dtype=dtype), AutoencoderKL(vae_cfg, dtype=dtype)
+  text_enc, image_enc = CLIPTextTransformer(text_cfg, dtype=dtype), CLIPVisionTransformer(vis_cfg, dtype=dtype)
+  feats = [jnp.zeros((1, 257, 32))] * map_cfg.num_words
+  params = {"unet": init(unet, keys[0], jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, width))),
+            "vae": init(vae, keys[1], jnp.zeros((1, 64, 64, 3))),
+            "text_encoder": init(text_enc, keys[2], jnp.zeros((1, 77), jnp.int32)),
+            "image_encoder": init(image_enc, keys[3], jnp.zeros((1, 224, 224, 3)))}
+  rand_kv = lambda k, local: jax.tree.map(lambda s: 0.1 * jax.random.normal(k, s.shape),
+                                          weights._kv_shapes(unet_cfg, local=local))
+  g = MapperBundle(map_cfg, init(GlobalMapper(map_cfg), keys[4], feats), rand_kv(keys[5], False))
+  l = MapperBundle(map_cfg, init(LocalMapper(map_cfg), keys[6], feats), rand_kv(keys[7], True))
+  cast = lambda t: weights.to_dtype(t, dtype)
+  g = MapperBundle(g.config, cast(g.params), cast(g.kv))
+  l = MapperBundle(l.config, cast(l.params), cast(l.kv))
+  return ElitePipeline(unet=unet, vae=vae, text_encoder=text_enc, image_encoder=image_enc, tokenizer=tokenizer,
+                       scheduler_config=SD14_SCHEDULER, params=cast(params), global_mapper=g, local_mapper=l)
