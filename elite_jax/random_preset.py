@@ -15,14 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from elite_jax import weights
+from elite_jax.presets import SD14_SCHEDULER
 from elite_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig, CLIPVisionTransformer
 from elite_jax.models.mappers import GlobalMapper, LocalMapper, MapperConfig
 from elite_jax.models.unet import UNet, UNetConfig
 from elite_jax.models.vae import AutoencoderKL, VAEConfig
 
-SD14_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
 
 # Words that become one BPE token each (as in the real CLIP vocabulary); other words split into characters.
 WORDS = ("a", "photo", "of", "s", "the", "on", "beach", "dog", "cat", "in", "snow", "jungle", "red", "with", "far",
@@ -71,9 +69,10 @@ def write_tokenizer(folder: Path, words=WORDS) -> int:
   return len(ids)
 
 
-def random_pipeline(seed: int = 0, dtype=jnp.float32):
-  """An ElitePipeline of tiny random models (with a local mapper). Images from it are noise."""
-  from elite_jax.pipeline import ElitePipeline, MapperBundle
+def random_components(seed: int = 0, dtype=jnp.float32) -> dict:
+  """Tiny random modules and parameters: unet, vae, text_encoder, image_encoder, tokenizer, params (the four
+  models' trees, SD's own attn2 K/V untouched) and mapper bundles ``global_mapper`` / ``local_mapper``."""
+  from elite_jax.pipeline import MapperBundle
   folder = Path(tempfile.mkdtemp(prefix="elite_jax_random_"))
   vocab = write_tokenizer(folder / "tokenizer")
   from transformers import CLIPTokenizer
@@ -104,5 +103,11 @@ def random_pipeline(seed: int = 0, dtype=jnp.float32):
   cast = lambda t: weights.to_dtype(t, dtype)
   g = MapperBundle(g.config, cast(g.params), cast(g.kv))
   l = MapperBundle(l.config, cast(l.params), cast(l.kv))
-  return ElitePipeline(unet=unet, vae=vae, text_encoder=text_enc, image_encoder=image_enc, tokenizer=tokenizer,
-                       scheduler_config=SD14_SCHEDULER, params=cast(params), global_mapper=g, local_mapper=l)
+  return dict(unet=unet, vae=vae, text_encoder=text_enc, image_encoder=image_enc, tokenizer=tokenizer,
+              params=cast(params), global_mapper=g, local_mapper=l)
+
+
+def random_pipeline(seed: int = 0, dtype=jnp.float32):
+  """An ElitePipeline of tiny random models (with a local mapper). Images from it are noise."""
+  from elite_jax.pipeline import ElitePipeline
+  return ElitePipeline(scheduler_config=SD14_SCHEDULER, **random_components(seed, dtype))

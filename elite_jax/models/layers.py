@@ -30,12 +30,24 @@ def _part(init, axes: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(axes))
 
 
+def torch_linear_init(fan_in: int):
+  """PyTorch nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+  bound = 1.0 / np.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True, dtype: Dtype = None,
-          name: str | None = None) -> nn.Dense:
-  """nn.Dense whose kernel (and bias) carry logical axis names ``axes`` = (in, out)."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
-                  kernel_init=_part(nn.initializers.lecun_normal(), axes),
-                  bias_init=_part(nn.initializers.zeros_init(), axes[1:]))
+          name: str | None = None, torch_init_fan_in: int | None = None) -> nn.Dense:
+  """nn.Dense whose kernel (and bias) carry logical axis names ``axes`` = (in, out).
+
+  ``torch_init_fan_in`` initialises as PyTorch's nn.Linear does (for modules trained from scratch, as ELITE's mappers).
+  """
+  if torch_init_fan_in:
+    kinit = binit = torch_linear_init(torch_init_fan_in)
+  else:
+    kinit, binit = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name, kernel_init=_part(kinit, axes),
+                  bias_init=_part(binit, axes[1:]))
 
 
 def conv(features: int, kernel: int = 3, *, stride: int = 1, padding: int | str = "same", dtype: Dtype = None,

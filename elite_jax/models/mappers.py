@@ -50,10 +50,14 @@ class MapperMLP(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     for i in range(cfg.depth):
-      x = layers.dense(cfg.hidden_dim, (EMBED, MLP), dtype=self.dtype, name=f"layers_{3 * i}")(x)
+      fan_in = cfg.input_dim if i == 0 else cfg.hidden_dim
+      x = layers.dense(cfg.hidden_dim, (EMBED, MLP), dtype=self.dtype, name=f"layers_{3 * i}",
+                       torch_init_fan_in=fan_in)(x)
       x = layers.layer_norm(1e-5, dtype=self.dtype, name=f"layers_{3 * i + 1}", axis_name=MLP)(x)
       x = nn.leaky_relu(x, 0.01)
-    return layers.dense(cfg.output_dim, (MLP, EMBED), dtype=self.dtype, name=f"layers_{3 * cfg.depth}")(x)
+    fan_in = cfg.hidden_dim if cfg.depth else cfg.input_dim
+    return layers.dense(cfg.output_dim, (MLP, EMBED), dtype=self.dtype, name=f"layers_{3 * cfg.depth}",
+                        torch_init_fan_in=fan_in)(x)
 
 
 def _word_mlps(module: nn.Module, i: int) -> tuple[MapperMLP, MapperMLP]:

@@ -1,0 +1,90 @@
+"""Device mesh and the one table that places parameters and activations on it.
+
+Parameters carry logical axis names (elite_jax.models.layers); ``RULES`` maps each to mesh axes. The mesh has three
+axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism that also shards parameters and optimizer state)
+and ``tensor`` (model parallelism over hidden/head dimensions). A dimension that a mesh axis does not divide is left
+unsharded, so tiny test models and odd channel counts (the UNet's 4 output channels) place without special cases.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from elite_jax.errors import InputError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # the batch dimension of activations and data
+
+# logical axis -> mesh axis (None: replicated). The single place that decides where things live.
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("vocab", None),
+    ("norm", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all devices; -1 in one axis takes what the others leave."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sum(s == -1 for s in sizes) > 1:
+    raise InputError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
+    raise InputError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not fit {len(devices)} devices")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != len(devices):
+    raise InputError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
+  # Auto axes: GSPMD propagates shardings through convolutions without per-op annotations.
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drop mesh axes from dimensions they do not divide (and from dimensions beyond the array's rank)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    out.append(axes if names and dim % size == 0 else None)
+  return P(*out)
+
+
+def logical_shardings(abstract: Any, mesh: Mesh, rules=RULES) -> Any:
+  """NamedShardings for a tree of (possibly LogicallyPartitioned-boxed) abstract parameters."""
+  specs = nn.get_partition_spec(abstract)
+  shapes = nn.meta.unbox(abstract)
+  with nn.logical_axis_rules(rules):
+    mesh_specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(s) if isinstance(s, P) else P(), specs,
+                              is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(lambda s, a: NamedSharding(mesh, _fit(s, a.shape, mesh)), mesh_specs, shapes,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(tree: Any, mesh: Mesh) -> Any:
+  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways the batch dimension is split."""
+  return int(np.prod([mesh.shape[a] for a in BATCH]))
+
+
+def spec_summary(shardings: Any) -> dict[str, str]:
+  """{param path: PartitionSpec} as strings, for logs and the golden sharding test."""
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(shardings) if isinstance(shardings, dict) else {}
+  return {"/".join(map(str, k)): str(v.spec) for k, v in flat.items()}

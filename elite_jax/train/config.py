@@ -1,0 +1,105 @@
+"""The training config schema: every key with its default (the official stage-1 recipe) and its checks.
+
+Config files under configs/ start from ``defaults()`` and set what their recipe changes; ``validate`` turns a wrong
+value into an InputError that names the key, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from elite_jax.errors import InputError
+
+STAGES = (1, 2)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = 1
+  # Models: a diffusers SD folder or hub id ("random-tiny": RANDOM in-memory tiny models, for tests/first runs).
+  c.pretrained = "CompVis/stable-diffusion-v1-4"
+  c.image_encoder = "openai/clip-vit-large-patch14"
+  c.global_mapper = ""  # stage 2: the stage-1 mapper (.safetensors export or official .pt)
+  c.mapper = ml_collections.ConfigDict(dict(hidden_dim=1024, depth=2, tapped_layers=(24, 4, 8, 12, 16)))
+
+  c.data = ml_collections.ConfigDict(dict(
+      builder="openimages",  # "openimages" (manual_dir = an OpenImages V6 download) or "folder" (your photos)
+      manual_dir="",  # OpenImages root, or the folder of concept photos (+ NAME_mask.png)
+      data_dir="",  # where TFDS writes the built array_record files (default: WORKDIR/tfds)
+      resolution=512, placeholder="S",
+      placeholder_index="whitespace",  # official quirk; "token" fixes it (spec 2.2)
+      workers=0))
+
+  # Optimisation, as train_global.sh: lr 1e-6 x 64 (scale_lr), AdamW, clip 1, constant schedule.
+  c.batch_size = 64  # samples per optimizer update, all devices and accumulation steps together
+  c.grad_accum = 4
+  c.learning_rate = 1e-6
+  c.scale_lr = True
+  c.warmup_steps = 0
+  c.adam_b1, c.adam_b2, c.adam_eps, c.weight_decay = 0.9, 0.999, 1e-8, 1e-2
+  c.max_grad_norm = 1.0
+  c.reg_weight = 0.01
+  c.num_train_steps = 70_000
+  c.seed = 0
+
+  # Official quirks, reproduced by default (spec 11).
+  c.quirks = ml_collections.ConfigDict(dict(
+      max_over_device_batch=True,  # stage 2: one w0-map max per device micro-batch (False: per sample)
+      stage2_loss_sum_channels=True,  # stage 2: 4x the per-element masked MSE (False: the mean)
+  ))
+
+  # Scale and precision.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.shard_frozen = False  # False: frozen SD/CLIP replicated; True: sharded by the rules table (fsdp/tensor)
+  c.frozen_dtype = "float32"  # the official recipe is float32 throughout; bfloat16 halves frozen memory
+  c.compute_dtype = "float32"
+  c.remat = False
+  c.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None (XLA) or "cudnn"
+  c.multihost = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
+
+  # Checkpoints and logs.
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpoint = True
+  c.log_every = 50
+  return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  def need(ok: bool, key: str, why: str) -> None:
+    if not ok:
+      raise InputError(f"config.{key}={_value(c, key)!r}: {why}")
+  need(c.stage in STAGES, "stage", "must be 1 or 2")
+  need(c.batch_size >= 1, "batch_size", "must be >= 1")
+  need(c.grad_accum >= 1 and c.batch_size % c.grad_accum == 0, "grad_accum", "must divide batch_size")
+  need(c.learning_rate > 0, "learning_rate", "must be > 0")
+  need(c.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+  need(0 <= c.adam_b1 < 1 and 0 <= c.adam_b2 < 1, "adam_b1", "betas must be in [0, 1)")
+  need(c.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+  need(c.reg_weight >= 0, "reg_weight", "must be >= 0")
+  need(c.num_train_steps >= 1, "num_train_steps", "must be >= 1")
+  need(c.mapper.hidden_dim >= 1, "mapper.hidden_dim", "must be >= 1")
+  need(c.mapper.depth >= 0, "mapper.depth", "must be >= 0")
+  need(len(c.mapper.tapped_layers) >= 1 and min(c.mapper.tapped_layers) >= 0, "mapper.tapped_layers",
+       "must list at least one image-encoder layer index >= 0 (the first is word w0's)")
+  need(c.data.builder in ("openimages", "folder"), "data.builder", "must be 'openimages' or 'folder'")
+  need(c.data.resolution >= 64 and c.data.resolution % 64 == 0, "data.resolution", "must be a multiple of 64")
+  need(c.data.placeholder_index in ("whitespace", "token"), "data.placeholder_index", "'whitespace' or 'token'")
+  need(c.data.workers >= 0, "data.workers", "must be >= 0")
+  need(c.frozen_dtype in DTYPES, "frozen_dtype", f"one of {DTYPES}")
+  need(c.compute_dtype in DTYPES, "compute_dtype", f"one of {DTYPES}")
+  need(c.attention_impl in (None, "cudnn"), "attention_impl", "None or 'cudnn'")
+  need(c.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+  need(c.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+  need(c.log_every >= 1, "log_every", "must be >= 1")
+  for axis in ("data", "fsdp", "tensor"):
+    need(c.mesh[axis] == -1 or c.mesh[axis] >= 1, f"mesh.{axis}", "must be >= 1 or -1")
+  need(c.stage == 1 or bool(c.global_mapper), "global_mapper", "stage 2 needs the stage-1 mapper file")
+  need(c.data.builder != "folder" or bool(c.data.manual_dir), "data.manual_dir", "the folder of concept photos")
+
+
+def _value(c, dotted):
+  for part in dotted.split("."):
+    c = c[part]
+  return c

@@ -1,0 +1,104 @@
+"""ELITE's two training objectives (spec 4.1, 4.2), as pure functions of parameters, a batch and a key.
+
+Stage 1:  L = mean (eps_theta(z_t, t, c(w)) - eps)^2 + reg_weight * mean |w|,  w = GlobalMapper(CLIP(x_clip)), 5 words.
+Stage 2:  L = mean_b [sum_{c,h,w} (eps_theta - eps)^2 m / sum_{h,w} m] + reg_weight * mean_layers mean |to_v_local(e)|,
+          e = LocalMapper(CLIP(x_obj)) * token_mask, w0 from the frozen stage-1 mapper, lambda = 1.
+
+Official quirks reproduced by default, each with a switch in the config (``cfg.quirks``): the stage-2 loss is 4x the
+per-element masked MSE (channels summed, mask counted once: ``stage2_loss_sum_channels``), and the w0-map max couples
+the samples of each device's micro-batch (``max_over_device_batch``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from elite_jax import elite
+from elite_jax.models.attention import LocalInputs
+from elite_jax.models.mappers import GlobalMapper
+from elite_jax.models.vae import AutoencoderKL, sample_latents
+from elite_jax.train.models import Models
+
+Params = dict[str, Any]
+
+
+def _cast(tree: Params, dtype) -> Params:
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _noisy_latents(models: Models, frozen: Params, images: jax.Array, rng: jax.Array):
+  """z0 = VAE sample * scaling (not the mode, as the official code); z_t, target and t for a random timestep."""
+  k_z, k_eps, k_t = jax.random.split(rng, 3)
+  mean, logvar = models.vae.apply({"params": frozen["vae"]}, images, method=AutoencoderKL.encode)
+  z0 = jax.lax.stop_gradient(sample_latents(mean, logvar, k_z, models.vae.config))
+  noise = jax.random.normal(k_eps, z0.shape, jnp.float32)
+  t = jax.random.randint(k_t, (z0.shape[0],), 0, models.schedule.num_train_timesteps)
+  zt = models.schedule.add_noise(z0, noise, t)
+  return zt, models.schedule.training_target(z0, noise, t), t
+
+
+def stage1_objective(pred: jax.Array, target: jax.Array, words: jax.Array, reg_weight: float):
+  """mean_b mean_chw (pred - target)^2 + reg_weight * mean |words| (train_global.py's loss, spec 4.1)."""
+  mle = jnp.mean(jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3)))
+  reg = jnp.mean(jnp.abs(words.astype(jnp.float32)))
+  return mle + reg_weight * reg, {"loss_mle": mle, "loss_reg": reg}
+
+
+def stage2_objective(pred: jax.Array, target: jax.Array, mask: jax.Array, value_means: list[jax.Array],
+                     reg_weight: float, sum_channels: bool = True):
+  """Masked MSE (official: channels summed over a one-channel mask count, i.e. 4x) + reg on mean |to_v_local(e)|.
+
+  mask (B, h, w, 1); value_means: one mean |to_v_local(e)| per cross-attention layer (spec 4.2).
+  """
+  mask = mask.astype(jnp.float32)
+  sq = (pred.astype(jnp.float32) - target) ** 2 * mask
+  per_sample = jnp.sum(sq, axis=(1, 2, 3)) / jnp.sum(mask, axis=(1, 2, 3))
+  if not sum_channels:  # the fix: a per-element mean
+    per_sample = per_sample / pred.shape[-1]
+  mle = jnp.mean(per_sample)
+  reg = jnp.mean(jnp.stack(value_means))
+  return mle + reg_weight * reg, {"loss_mle": mle, "loss_reg": reg}
+
+
+def stage1_loss(trainable: Params, frozen: Params, batch: dict, rng: jax.Array, models: Models, *,
+                reg_weight: float, **_) -> tuple[jax.Array, dict]:
+  dtype = models.unet.dtype
+  m = models.mapper
+  feats = elite.image_features(models.image_encoder, frozen["image_encoder"], batch["pixel_values_clip"],
+                               m.tapped_layers)
+  words = GlobalMapper(m, dtype).apply({"params": _cast(trainable["mapper"], dtype)}, feats)  # (B, K, C)
+  context = models.text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"], words,
+                                      batch["index"])[0]
+  zt, target, t = _noisy_latents(models, frozen, batch["pixel_values"], rng)
+  unet_params = elite.merge_kv(frozen["unet"], _cast(trainable["kv"], dtype))
+  pred = models.unet.apply({"params": unet_params}, zt, t, context)
+  return stage1_objective(pred, target, words, reg_weight)
+
+
+def stage2_loss(trainable: Params, frozen: Params, batch: dict, rng: jax.Array, models: Models, *,
+                reg_weight: float, max_group: int, sum_channels: bool, **_) -> tuple[jax.Array, dict]:
+  dtype = models.unet.dtype
+  g = models.global_mapper
+  feats = elite.image_features(models.image_encoder, frozen["image_encoder"], batch["pixel_values_clip"],
+                               g.tapped_layers)
+  w0 = GlobalMapper(g, dtype).apply({"params": frozen["global_mapper"]["mapper"]}, feats)[:, :1]
+  context = models.text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"],
+                                      jax.lax.stop_gradient(w0), batch["index"])[0]
+  m = models.mapper
+  obj = elite.image_features(models.image_encoder, frozen["image_encoder"], batch["pixel_values_obj"],
+                             m.tapped_layers)
+  local = elite.local_tokens(m, _cast(trainable["mapper"], dtype), obj, batch["token_mask"], dtype)
+  b = local.shape[0]
+  zt, target, t = _noisy_latents(models, frozen, batch["pixel_values"], rng)
+  unet_params = elite.merge_kv(elite.merge_kv(frozen["unet"], frozen["global_mapper"]["kv"]),
+                               _cast(trainable["kv"], dtype))
+  inputs = LocalInputs(local, batch["index"], jnp.ones((b,), jnp.float32), max_group=max_group)
+  pred, inter = models.unet.apply({"params": unet_params}, zt, t, context, inputs, mutable=["intermediates"])
+  values = jax.tree.leaves(inter["intermediates"])  # one mean |to_v_local(e)| per cross-attention layer
+  return stage2_objective(pred, target, batch["mask_values"], values, reg_weight, sum_channels)
+
+
+LOSSES = {1: stage1_loss, 2: stage2_loss}
