@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="attention kernel: XLA's, or cuDNN's fused one (GPU, half precision)")
   p.add_argument("--output", default="out.png", help="PNG path; several images are written as OUT_0.png, OUT_1.png...")
   p.add_argument("--random-weights", action="store_true",
-                 help="RANDOM WEIGHTS, output is noise: a tiny in-memory model to check an install offline")
+                 help="RANDOM WEIGHTS, output is noise: a tiny in-memory model to check an install offline (mapper "
+                      "files given with it, e.g. from configs/tiny_stage*.py runs, replace its random mappers)")
   return p.parse_args(argv)
 
 
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
     from elite_jax.random_preset import random_pipeline
     print("RANDOM WEIGHTS: tiny untrained models, the output is noise (install check only)", file=sys.stderr)
-    pipe = random_pipeline(dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype])
+    pipe = random_pipeline(dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype],
+                           global_mapper=args.global_mapper, local_mapper=args.local_mapper)
   else:
     if not args.global_mapper:
       raise InputError("--global-mapper is required (the official global_mapper.pt or an elite-jax export)")

@@ -18,13 +18,24 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs and the expor
 
 def main(argv) -> None:
   del argv
+  from absl import logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   from elite_jax.errors import InputError
   from elite_jax.train.loop import NonFiniteLoss, train
   if not _WORKDIR.value:
     print("error: --workdir is required", file=sys.stderr)
     sys.exit(2)
   try:
-    train(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.stage  # noqa: B018  (a config file that failed to load raises here)
+  except OSError as e:
+    cause = e.__cause__ or e
+    print(f"error: cannot load the config file {flags.FLAGS['config'].config_filename}: "
+          f"{str(cause).splitlines()[-1].strip()}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    train(config, _WORKDIR.value)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -33,16 +44,18 @@ def main(argv) -> None:
     sys.exit(1)
 
 
-def run(argv=None) -> None:
-  """absl's app.run, with flag errors (an unknown --config.KEY, a bad value) as one clear line and exit code 2."""
-  argv = list(sys.argv if argv is None else argv)
+def _parse_flags(argv):
+  """absl flag parsing with errors (an unknown --config.KEY, a bad value, a missing file) as one line, exit 2."""
   try:
-    flags.FLAGS(argv)
+    return flags.FLAGS(argv)
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  app.run(main, argv=argv[:1] + [a for a in argv[1:] if False])  # flags are parsed; app.run sets up absl logging
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config does not have
+    key = str(e).strip("\"'")
+    print(f"error: unknown config key {key!r} in the --config.* overrides (see the config file for the keys)",
+          file=sys.stderr)
+  sys.exit(2)
 
 
 if __name__ == "__main__":
-  run()
+  app.run(main, flags_parser=_parse_flags)

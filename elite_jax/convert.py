@@ -149,24 +149,32 @@ def mapper_from_official(state: Mapping[str, np.ndarray], attn_paths: list[tuple
   return {"mapper": traverse_util.unflatten_dict(mapper), "kv": traverse_util.unflatten_dict(kv)}
 
 
+def official_key_order(key: str) -> tuple:
+  """Sort key giving the official files' order: per word mapping_i then mapping_patch_i (layers, weight before bias),
+  then every attn2's _to_k/_to_v in diffusers 0.11's registration order (down blocks, up blocks, mid block)."""
+  m = re.match(r"^mapping(_patch)?_(\d+)\.(\d+)\.(weight|bias)$", key)
+  if m:
+    return (0, int(m.group(2)), m.group(1) is not None, int(m.group(3)), m.group(4) == "bias")
+  m = re.match(r"^(down_blocks|up_blocks|mid_block)_?(\d*)_attentions_(\d+)_transformer_blocks_(\d+)_attn2_to_([kv])"
+               r"(?:_local)?\.weight$", key)
+  if m:
+    block = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}[m.group(1)]
+    return (1, block, int(m.group(2) or 0), int(m.group(3)), int(m.group(4)), m.group(5))
+  return (2, key)
+
+
 def mapper_to_official(weights: Params, attn_paths: list[tuple[str, ...]], local: bool) -> dict[str, np.ndarray]:
-  """{"mapper", "kv"} -> the official state dict (same key order as the official files: MLPs, then attention)."""
+  """{"mapper", "kv"} -> the official state dict, keys in the official files' order."""
   out: dict[str, np.ndarray] = {}
-  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, weights["mapper"]))
-  def word_order(item):
-    (module, layer, leaf), _ = item
-    word = int(module.rsplit("_", 1)[1])
-    return (word, "patch" in module, int(layer.split("_")[1]), leaf != "kernel" and leaf != "scale")
-  for (module, layer, leaf), value in sorted(flat.items(), key=word_order):
-    idx = layer.split("_")[1]
+  for (module, layer, leaf), value in traverse_util.flatten_dict(jax.tree.map(np.asarray, weights["mapper"])).items():
     if leaf == "kernel":
       leaf, value = "weight", value.T
     elif leaf == "scale":
       leaf = "weight"
-    out[f"{module}.{idx}.{leaf}"] = np.ascontiguousarray(value)
+    out[f"{module}.{layer.split('_')[1]}.{leaf}"] = np.ascontiguousarray(value)
   kv = traverse_util.flatten_dict(jax.tree.map(np.asarray, weights["kv"]))
   suffix = "_local" if local else ""
   for path in attn_paths:
     for proj in ("to_k", "to_v"):
       out[f"{_attn_key(path)}_{proj}.weight"] = np.ascontiguousarray(kv[path + (proj + suffix, "kernel")].T)
-  return out
+  return {k: out[k] for k in sorted(out, key=official_key_order)}

@@ -107,7 +107,16 @@ def random_components(seed: int = 0, dtype=jnp.float32) -> dict:
               params=cast(params), global_mapper=g, local_mapper=l)
 
 
-def random_pipeline(seed: int = 0, dtype=jnp.float32):
-  """An ElitePipeline of tiny random models (with a local mapper). Images from it are noise."""
-  from elite_jax.pipeline import ElitePipeline
-  return ElitePipeline(scheduler_config=SD14_SCHEDULER, **random_components(seed, dtype))
+def random_pipeline(seed: int = 0, dtype=jnp.float32, global_mapper=None, local_mapper=None):
+  """An ElitePipeline of tiny random models (with a local mapper). Images from it are noise.
+
+  Mapper files (e.g. trained with configs/tiny_stage*.py, which use these same models for the same seed) replace
+  the random mappers.
+  """
+  from elite_jax.pipeline import ElitePipeline, MapperBundle
+  parts = random_components(seed, dtype)
+  for key, path, local in (("global_mapper", global_mapper, False), ("local_mapper", local_mapper, True)):
+    if path:
+      cfg, w = weights.load_mapper(path, parts["unet"].config, local=local)
+      parts[key] = MapperBundle(cfg, weights.to_dtype(w["mapper"], dtype), weights.to_dtype(w["kv"], dtype))
+  return ElitePipeline(scheduler_config=SD14_SCHEDULER, **parts)

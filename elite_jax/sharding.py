@@ -34,7 +34,8 @@ RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over all devices; -1 in one axis takes what the others leave."""
+  """A (data, fsdp, tensor) mesh; -1 in one axis takes all the devices the others leave. Without a -1, a mesh
+  smaller than the machine uses its first devices (handy on one host; a pod wants every device used)."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = [data, fsdp, tensor]
   if sum(s == -1 for s in sizes) > 1:
@@ -43,8 +44,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
   if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
     raise InputError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not fit {len(devices)} devices")
   sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if int(np.prod(sizes)) != len(devices):
-    raise InputError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
+  need = int(np.prod(sizes))
+  if need > len(devices) or (need < len(devices) and jax.process_count() > 1):
+    raise InputError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {need} devices, have {len(devices)}")
+  devices = devices[:need]
   # Auto axes: GSPMD propagates shardings through convolutions without per-op annotations.
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
@@ -83,8 +86,8 @@ def batch_shards(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH]))
 
 
-def spec_summary(shardings: Any) -> dict[str, str]:
-  """{param path: PartitionSpec} as strings, for logs and the golden sharding test."""
+def spec_summary(shardings: Any) -> dict[str, tuple]:
+  """{param path: PartitionSpec as a tuple of mesh axes}, for logs and the golden sharding test."""
   from flax import traverse_util
   flat = traverse_util.flatten_dict(shardings) if isinstance(shardings, dict) else {}
-  return {"/".join(map(str, k)): str(v.spec) for k, v in flat.items()}
+  return {"/".join(map(str, k)): tuple(v.spec) for k, v in flat.items()}

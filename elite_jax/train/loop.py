@@ -129,7 +129,7 @@ def train(cfg, workdir: str | os.PathLike) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
                                  async_save=cfg.async_checkpoint)
   config_dict = json.loads(cfg.to_json())
-  state = step_lib.init_state(models, optimizer, trainable_init, cfg.seed, state_sh)
+  state = step_lib.init_state(models, optimizer, trainable_init["kv"], cfg.seed, state_sh)
   start = ckpt.latest_step()
   data_state = None
   if start is not None:
@@ -141,8 +141,8 @@ def train(cfg, workdir: str | os.PathLike) -> dict:
   start = int(start or 0)
 
   loader = _make_loader(cfg, models, workdir, data_state)
-  example = loader.peek_shapes()
-  batch_sh = step_lib.batch_shardings(mesh, {k: np.zeros((1, 1) + s[1:]) for k, s in example.items()})
+  batch_sh = step_lib.batch_shardings(mesh, {k: np.zeros((1, 1) + s) for k, s in
+                                             example_shapes(cfg.stage, cfg.data.resolution).items()})
   train_step = step_lib.make_train_step(models, cfg, optimizer, mesh, state_sh, frozen_sh, batch_sh)
 
   log = MetricsLog(workdir, start)
@@ -164,7 +164,9 @@ def train(cfg, workdir: str | os.PathLike) -> dict:
                                       disable=jax.process_index() != 0) as bar:
     try:
       for step in range(start, cfg.num_train_steps):
-        batch = to_global(next(loader), batch_sh, cfg.grad_accum)
+        host_batch = next(loader)
+        host_batch.pop("record", None)
+        batch = to_global(host_batch, batch_sh, cfg.grad_accum)
         state, metrics = train_step(state, frozen, batch)
         done = step + 1
         pending.append((done, metrics["loss"]))
@@ -195,13 +197,34 @@ def train(cfg, workdir: str | os.PathLike) -> dict:
 
 
 def _make_loader(cfg, models: Models, workdir: Path, data_state):
-  from elite_jax.data import loader as data_loader
-  it = data_loader.make_loader(cfg.data, stage=cfg.stage, tokenizer=models.tokenizer,
-                               batch_size=cfg.batch_size // jax.process_count(), seed=cfg.seed,
-                               data_dir=cfg.data.data_dir or str(workdir / "tfds"))
+  """Build the TFDS records once (host 0 first, the others then reuse them), then a grain loader of this host."""
+  from elite_jax import data
+  if not cfg.data.manual_dir:
+    raise InputError("config.data.manual_dir is required: the OpenImages download or your folder of photos")
+  data_dir = cfg.data.data_dir or str(workdir / "tfds")
+  if jax.process_index() == 0:
+    builder = data.prepare(cfg.data.builder, cfg.data.manual_dir, data_dir, cfg.stage)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("elite_jax data prepared")
+  if jax.process_index() != 0:
+    builder = data.prepare(cfg.data.builder, cfg.data.manual_dir, data_dir, cfg.stage)
+  it = data.make_loader(builder, tokenizer=models.tokenizer, batch_size=cfg.batch_size // jax.process_count(),
+                        stage=cfg.stage, resolution=cfg.data.resolution, seed=cfg.seed,
+                        placeholder=cfg.data.placeholder, placeholder_index=cfg.data.placeholder_index,
+                        worker_count=cfg.data.workers)
   if data_state is not None:
     it.set_state(data_state)
   return it
+
+
+def example_shapes(stage: int, resolution: int) -> dict[str, tuple[int, ...]]:
+  """Per-sample shapes of the loader's batches (elite_jax.data's contract)."""
+  shapes = {"pixel_values": (resolution, resolution, 3), "pixel_values_clip": (224, 224, 3), "input_ids": (77,),
+            "index": ()}
+  if stage == 2:
+    shapes.update(pixel_values_obj=(224, 224, 3), token_mask=(256,), mask_values=(resolution // 8, resolution // 8, 1))
+  return shapes
 
 
 def _export(cfg, models: Models, state: step_lib.TrainState, workdir: Path) -> Path:

@@ -55,7 +55,8 @@ def stage2_objective(pred: jax.Array, target: jax.Array, mask: jax.Array, value_
   """
   mask = mask.astype(jnp.float32)
   sq = (pred.astype(jnp.float32) - target) ** 2 * mask
-  per_sample = jnp.sum(sq, axis=(1, 2, 3)) / jnp.sum(mask, axis=(1, 2, 3))
+  # max(., 1): at toy resolutions a "far away" paste can leave no valid latent (0/0); never at 512 px.
+  per_sample = jnp.sum(sq, axis=(1, 2, 3)) / jnp.maximum(jnp.sum(mask, axis=(1, 2, 3)), 1.0)
   if not sum_channels:  # the fix: a per-element mean
     per_sample = per_sample / pred.shape[-1]
   mle = jnp.mean(per_sample)
