@@ -26,6 +26,7 @@ from elite_jax.models.clip import (CLIPModel, CLIPTextTransformer, CLIPVisionTra
 from elite_jax.models.mappers import GlobalMapper, LocalMapper, MapperConfig
 from elite_jax.models.unet import UNet, UNetConfig
 from elite_jax.models.vae import AutoencoderKL, VAEConfig
+from elite_jax.models.vit import ViTConfig, ViTModel
 
 Params = dict[str, Any]
 
@@ -189,6 +190,36 @@ def load_clip(folder: Path, dtype: Any = jnp.float32) -> tuple[CLIPModel, Params
   ids = jax.ShapeDtypeStruct((1, text.max_position_embeddings), jnp.int32)
   pixels = jax.ShapeDtypeStruct((1, vision.image_size, vision.image_size, vision.num_channels), jnp.float32)
   return module, _fit(module, params, (ids, pixels), f"CLIP weights in {folder}")
+
+
+# transformers >= 5 names ViT layers differently in memory (``layers.N.attention.q_proj``, ``mlp.fc1``...) and saves
+# the hub layout; a state dict taken from such a model in memory is renamed back to the hub layout.
+_VIT_RENAMES = ((r"^layers\.", "encoder.layer."), (r"\.attention\.q_proj\.", ".attention.attention.query."),
+                (r"\.attention\.k_proj\.", ".attention.attention.key."),
+                (r"\.attention\.v_proj\.", ".attention.attention.value."),
+                (r"\.attention\.o_proj\.", ".attention.output.dense."), (r"\.mlp\.fc1\.", ".intermediate.dense."),
+                (r"\.mlp\.fc2\.", ".output.dense."))
+
+
+def load_dino(folder: Path, dtype: Any = jnp.float32, layer_norm_eps: float | None = None) -> tuple[ViTModel, Params]:
+  """A ViTModel checkpoint (facebook/dino-vits16 layout: config.json + safetensors/bin), for the DINO-I metric.
+
+  A ``vit.`` prefix (ViTForImageClassification) is stripped; the pooler, mask token and classifier are not used.
+  ``layer_norm_eps`` overrides the config's (facebook/dino-vit* say transformers' default 1e-12; DINO's own models,
+  torch.hub ``dino_vits16``, use 1e-6).
+  """
+  cfg = read_json(folder / "config.json")
+  config = ViTConfig.from_transformers(cfg)
+  if layer_norm_eps is not None:
+    config = dataclasses.replace(config, layer_norm_eps=float(layer_norm_eps))
+  module = ViTModel(config, dtype=dtype)
+  state = read_weights(folder)
+  if any(k.startswith("vit.") for k in state):
+    state = {k[len("vit."):]: v for k, v in state.items() if k.startswith("vit.")}
+  unused = ("pooler.", "classifier.", "embeddings.mask_token")
+  params = convert.torch_to_flax(state, renames=_VIT_RENAMES, skip=lambda k: k.startswith(unused))
+  pixels = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
+  return module, _fit(module, params, (pixels,), f"DINO ViT weights in {folder}")
 
 
 def load_tokenizer(folder: Path):
