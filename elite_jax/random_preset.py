@@ -13,6 +13,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from elite_jax import weights
 from elite_jax.presets import SD14_SCHEDULER
@@ -69,6 +70,22 @@ def write_tokenizer(folder: Path, words=WORDS) -> int:
   return len(ids)
 
 
+def random_params(shapes, rng: np.random.Generator):
+  """Plausible random weights for a tree of shapes, without running any init: kernels ~ N(0, 1/fan_in), norm
+  scales 1, biases 0, embeddings ~ N(0, 0.02). Instant, where a jitted init of 24 layers takes a minute on a CPU."""
+  def leaf(path, x):
+    name = str(path[-1].key) if hasattr(path[-1], "key") else str(path[-1])
+    if name == "scale":
+      return np.ones(x.shape, np.float32)
+    if name == "bias":
+      return np.zeros(x.shape, np.float32)
+    if name in ("embedding", "class_embedding"):
+      return (0.02 * rng.standard_normal(x.shape)).astype(np.float32)
+    fan_in = int(np.prod(x.shape[:-1])) or 1
+    return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(shapes))
+
+
 def random_components(seed: int = 0, dtype=jnp.float32) -> dict:
   """Tiny random modules and parameters: unet, vae, text_encoder, image_encoder, tokenizer, params (the four
   models' trees, SD's own attn2 K/V untouched) and mapper bundles ``global_mapper`` / ``local_mapper``."""
@@ -87,19 +104,20 @@ def random_components(seed: int = 0, dtype=jnp.float32) -> dict:
                             num_attention_heads=4, eos_token_id=vocab - 1)
   vis_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_attention_heads=4)
   map_cfg = MapperConfig(input_dim=32, hidden_dim=32, output_dim=width)
-  keys = jax.random.split(jax.random.key(seed), 8)
-  init = lambda m, k, *a: nn.meta.unbox(m.init(k, *a)["params"])
+  rng = np.random.default_rng(seed)
+  init = lambda m, *a: random_params(jax.eval_shape(lambda *x: m.init(jax.random.key(0), *x), *a)["params"], rng)
+  s = jax.ShapeDtypeStruct
   unet, vae = UNet(unet_cfg, dtype=dtype), AutoencoderKL(vae_cfg, dtype=dtype)
   text_enc, image_enc = CLIPTextTransformer(text_cfg, dtype=dtype), CLIPVisionTransformer(vis_cfg, dtype=dtype)
-  feats = [jnp.zeros((1, 257, 32))] * map_cfg.num_words
-  params = {"unet": init(unet, keys[0], jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, width))),
-            "vae": init(vae, keys[1], jnp.zeros((1, 64, 64, 3))),
-            "text_encoder": init(text_enc, keys[2], jnp.zeros((1, 77), jnp.int32)),
-            "image_encoder": init(image_enc, keys[3], jnp.zeros((1, 224, 224, 3)))}
-  rand_kv = lambda k, local: jax.tree.map(lambda s: 0.1 * jax.random.normal(k, s.shape),
-                                          weights._kv_shapes(unet_cfg, local=local))
-  g = MapperBundle(map_cfg, init(GlobalMapper(map_cfg), keys[4], feats), rand_kv(keys[5], False))
-  l = MapperBundle(map_cfg, init(LocalMapper(map_cfg), keys[6], feats), rand_kv(keys[7], True))
+  feats = [s((1, 257, 32), jnp.float32)] * map_cfg.num_words
+  params = {"unet": init(unet, s((1, 8, 8, 4), jnp.float32), s((1,), jnp.float32), s((1, 77, width), jnp.float32)),
+            "vae": init(vae, s((1, 64, 64, 3), jnp.float32)),
+            "text_encoder": init(text_enc, s((1, 77), jnp.int32)),
+            "image_encoder": init(image_enc, s((1, 224, 224, 3), jnp.float32))}
+  g = MapperBundle(map_cfg, init(GlobalMapper(map_cfg), feats),
+                   random_params(weights._kv_shapes(unet_cfg, local=False), rng))
+  l = MapperBundle(map_cfg, init(LocalMapper(map_cfg), feats),
+                   random_params(weights._kv_shapes(unet_cfg, local=True), rng))
   cast = lambda t: weights.to_dtype(t, dtype)
   g = MapperBundle(g.config, cast(g.params), cast(g.kv))
   l = MapperBundle(l.config, cast(l.params), cast(l.kv))

@@ -119,7 +119,7 @@ def test_overfitting_a_handful_of_examples(tmp_path):
     state, _ = fn(state, frozen, loop.to_global(batches[i % 4], bsh, 1))
   after = float(eval_loss(state.params))
   print(f"fixed-noise loss before {before:.4f}, after 100 steps {after:.4f}")
-  assert after < 0.8 * before, (before, after)  # measured: 1.22 -> 0.92
+  assert after < 0.8 * before, (before, after)  # measured: 1.42 -> 0.94
 
 
 def test_exact_resume_and_a_new_mesh(tmp_path):
