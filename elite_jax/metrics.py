@@ -229,8 +229,12 @@ def random_metric_models(seed: int = 0, batch_size: int = 32) -> MetricModels:
                              num_attention_heads=4, projection_dim=16)
   clip = CLIPModel(text_cfg, vis_cfg, projection_dim=16)
   dino = ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  clip_params = nn.meta.unbox(clip.init(k1, jnp.zeros((1, 77), jnp.int32), jnp.zeros((1, 224, 224, 3)))["params"])
-  dino_params = nn.meta.unbox(dino.init(k2, jnp.zeros((1, 224, 224, 3)))["params"])
+  from elite_jax.random_preset import random_params
+  rng = np.random.default_rng(seed)
+  s = jax.ShapeDtypeStruct
+  clip_params = random_params(jax.eval_shape(lambda i, x: clip.init(jax.random.key(0), i, x), s((1, 77), jnp.int32),
+                                             s((1, 224, 224, 3), jnp.float32))["params"], rng)
+  dino_params = random_params(jax.eval_shape(lambda x: dino.init(jax.random.key(0), x),
+                                             s((1, 224, 224, 3), jnp.float32))["params"], rng)
   return MetricModels(clip, clip_params, tokenizer, dino, dino_params, clip_name="RANDOM tiny CLIP (B/32-shaped)",
                       dino_name="RANDOM tiny DINO ViT (S/16-shaped)", random=True, batch_size=batch_size)

@@ -6,6 +6,7 @@ injection, image encoder, both mappers, the ELITE UNet, scheduler loop, VAE deco
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -86,30 +87,41 @@ def random_params(shapes, rng: np.random.Generator):
   return jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(shapes))
 
 
-def random_components(seed: int = 0, dtype=jnp.float32) -> dict:
-  """Tiny random modules and parameters: unet, vae, text_encoder, image_encoder, tokenizer, params (the four
-  models' trees, SD's own attn2 K/V untouched) and mapper bundles ``global_mapper`` / ``local_mapper``."""
+def random_components(seed: int = 0, dtype=jnp.float32, size: str = "tiny") -> dict:
+  """Random modules and parameters: unet, vae, text_encoder, image_encoder, tokenizer, params (the four models'
+  trees, SD's own attn2 K/V untouched) and mapper bundles ``global_mapper`` / ``local_mapper``. ``size``: "tiny", or
+  "sd14" for the real shapes (benchmarks; the tokenizer stays the tiny one)."""
   from elite_jax.pipeline import MapperBundle
   folder = Path(tempfile.mkdtemp(prefix="elite_jax_random_"))
   vocab = write_tokenizer(folder / "tokenizer")
   from transformers import CLIPTokenizer
   tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-  width = 32
-  unet_cfg = UNetConfig(block_out_channels=(32, 32, 64), layers_per_block=1, heads=(4, 4, 4),
-                        transformer_layers_per_block=(1, 1, 1), cross_attention_dim=width, norm_num_groups=8,
-                        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-  vae_cfg = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)
-  text_cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, eos_token_id=vocab - 1)
-  vis_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_attention_heads=4)
-  map_cfg = MapperConfig(input_dim=32, hidden_dim=32, output_dim=width)
+  if size == "sd14":  # the real shapes (benchmarks): SD v1-4, CLIP ViT-L/14, ELITE's mappers
+    from elite_jax import presets
+    from elite_jax.models.clip import text_config_from_transformers, vision_config_from_transformers
+    unet_cfg, vae_cfg = UNetConfig.from_diffusers(presets.SD14_UNET), VAEConfig.from_diffusers(presets.SD14_VAE)
+    text_cfg = dataclasses.replace(text_config_from_transformers(presets.CLIP_L14_TEXT), eos_token_id=vocab - 1)
+    vis_cfg = vision_config_from_transformers(presets.CLIP_L14_VISION)
+    map_cfg = MapperConfig()
+  elif size == "tiny":
+    unet_cfg = UNetConfig(block_out_channels=(32, 32, 64), layers_per_block=1, heads=(4, 4, 4),
+                          transformer_layers_per_block=(1, 1, 1), cross_attention_dim=32, norm_num_groups=8,
+                          down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    vae_cfg = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)
+    text_cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, eos_token_id=vocab - 1)
+    vis_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_attention_heads=4)
+    map_cfg = MapperConfig(input_dim=32, hidden_dim=32, output_dim=32)
+  else:
+    raise ValueError(f"size must be 'tiny' or 'sd14', got {size!r}")
+  width, vis_width = text_cfg.hidden_size, vis_cfg.hidden_size
   rng = np.random.default_rng(seed)
   init = lambda m, *a: random_params(jax.eval_shape(lambda *x: m.init(jax.random.key(0), *x), *a)["params"], rng)
   s = jax.ShapeDtypeStruct
   unet, vae = UNet(unet_cfg, dtype=dtype), AutoencoderKL(vae_cfg, dtype=dtype)
   text_enc, image_enc = CLIPTextTransformer(text_cfg, dtype=dtype), CLIPVisionTransformer(vis_cfg, dtype=dtype)
-  feats = [s((1, 257, 32), jnp.float32)] * map_cfg.num_words
+  feats = [s((1, 257, vis_width), jnp.float32)] * map_cfg.num_words
   params = {"unet": init(unet, s((1, 8, 8, 4), jnp.float32), s((1,), jnp.float32), s((1, 77, width), jnp.float32)),
             "vae": init(vae, s((1, 64, 64, 3), jnp.float32)),
             "text_encoder": init(text_enc, s((1, 77), jnp.int32)),
@@ -125,14 +137,14 @@ def random_components(seed: int = 0, dtype=jnp.float32) -> dict:
               params=cast(params), global_mapper=g, local_mapper=l)
 
 
-def random_pipeline(seed: int = 0, dtype=jnp.float32, global_mapper=None, local_mapper=None):
+def random_pipeline(seed: int = 0, dtype=jnp.float32, global_mapper=None, local_mapper=None, size: str = "tiny"):
   """An ElitePipeline of tiny random models (with a local mapper). Images from it are noise.
 
   Mapper files (e.g. trained with configs/tiny_stage*.py, which use these same models for the same seed) replace
   the random mappers.
   """
   from elite_jax.pipeline import ElitePipeline, MapperBundle
-  parts = random_components(seed, dtype)
+  parts = random_components(seed, dtype, size)
   for key, path, local in (("global_mapper", global_mapper, False), ("local_mapper", local_mapper, True)):
     if path:
       cfg, w = weights.load_mapper(path, parts["unet"].config, local=local)

@@ -23,7 +23,7 @@ def _nchw(x):
   return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 
 
-@pytest.mark.parametrize("variant,safe,size", [("sd1", True, (16, 16)), ("sd1", False, (10, 14)),
+@pytest.mark.parametrize("variant,safe,size", [("sd1", True, (16, 16)), ("sd1", False, (10, 14)), ("sd1", True, (32, 24)),
                                                ("sd2", True, (16, 16))])
 def test_unet_matches_diffusers(tmp_path, variant, safe, size):
   config = tiny_models.unet_config_sd1() if variant == "sd1" else tiny_models.unet_config_sd2()

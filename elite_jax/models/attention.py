@@ -43,13 +43,6 @@ class LocalInputs:
   max_group: int = flax.struct.field(pytree_node=False, default=1)
 
 
-def w0_attention_map(q: jax.Array, k: jax.Array, index: jax.Array) -> jax.Array:
-  """a = softmax(q k^T / sqrt(d))[..., index_b] as (B, H, N), in float32, without materialising the softmax."""
-  logits = layers.attention_logits(q.astype(jnp.float32), k.astype(jnp.float32))  # (B, H, N, L)
-  picked = jnp.take_along_axis(logits, index[:, None, None, None].astype(jnp.int32), axis=-1)[..., 0]
-  return jnp.exp(picked - jax.nn.logsumexp(logits, axis=-1))
-
-
 def normalise_map(a: jax.Array, group: int) -> jax.Array:
   """M = a / max(a), one max per ``group`` consecutive samples over heads and positions."""
   b = a.shape[0]
@@ -76,21 +69,27 @@ class Attention(nn.Module):
     q = layers.split_heads(proj("to_q")(x), self.heads)
     k = layers.split_heads(proj("to_k")(context), self.heads)
     v = layers.split_heads(proj("to_v")(context), self.heads)
-    out = layers.attention(q, k, v, upcast=self.upcast, implementation=self.implementation)
-
-    if local is not None:
+    if local is None:
+      out = layers.attention(q, k, v, upcast=self.upcast, implementation=self.implementation)
+    else:
       bc = local.features.shape[0]
       kl = proj("to_k_local")(local.features)
       vl = proj("to_v_local")(local.features)
       # Stage 2's regulariser: mean |to_v_local(e)| per layer, averaged over layers by the loss.
       self.sow("intermediates", "local_value_abs_mean", jnp.mean(jnp.abs(vl.astype(jnp.float32))))
       kl, vl = layers.split_heads(kl, self.heads), layers.split_heads(vl, self.heads)
-      qc = q[:bc]
-      m = normalise_map(w0_attention_map(qc, k[:bc], local.index), local.max_group)  # (Bc, H, N)
-      ol = layers.attention(qc, kl, vl, upcast=self.upcast, implementation=self.implementation)  # (Bc, N, H, D)
+      # Conditional rows need the global probabilities themselves (the w0 map); the rest take the fused kernel.
+      probs = jax.nn.softmax(layers.attention_logits(q[:bc].astype(jnp.float32), k[:bc].astype(jnp.float32)), -1)
+      out_c = jnp.einsum("bhqk,bkhd->bqhd", probs, v[:bc].astype(jnp.float32))
+      a = jnp.take_along_axis(probs, local.index[:, None, None, None].astype(jnp.int32), axis=-1)[..., 0]
+      m = normalise_map(a, local.max_group)  # (Bc, H, N)
+      ol = layers.attention(q[:bc], kl, vl, upcast=self.upcast, implementation=self.implementation)  # (Bc,N,H,D)
       weight = local.scale.astype(jnp.float32)[:, None, None, None] * jnp.transpose(m, (0, 2, 1))[..., None]
-      ol = (ol.astype(jnp.float32) * weight).astype(out.dtype)
-      out = jnp.concatenate([out[:bc] + ol, out[bc:]], axis=0) if bc < out.shape[0] else out + ol
+      out_c = (out_c + ol.astype(jnp.float32) * weight).astype(q.dtype)
+      if bc < q.shape[0]:
+        rest = layers.attention(q[bc:], k[bc:], v[bc:], upcast=self.upcast, implementation=self.implementation)
+        out_c = jnp.concatenate([out_c, rest], axis=0)
+      out = out_c
 
     out = layers.merge_heads(out)
     return layers.dense(self.out_dim, (HEADS, EMBED), dtype=self.dtype, name="to_out_0")(out)

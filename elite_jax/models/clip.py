@@ -86,7 +86,7 @@ class CLIPAttention(nn.Module):
   def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
     proj = lambda name: layers.dense(self.hidden, (EMBED, HEADS), dtype=self.dtype, name=name)
     q, k, v = (layers.split_heads(proj(n)(x), self.heads) for n in ("q_proj", "k_proj", "v_proj"))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True) if causal else layers.attention(q, k, v)
     return layers.dense(self.hidden, (HEADS, EMBED), dtype=self.dtype, name="out_proj")(layers.merge_heads(out))
 
 

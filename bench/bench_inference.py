@@ -1,0 +1,180 @@
+"""Inference speed: one denoising step and one concept encoding, elite-jax against diffusers/transformers PyTorch.
+
+Both sides get the same random weights (the PyTorch model's state dict, converted by our loaders' converter) and the
+same inputs; times are medians after warm-up, in one process, so the ratio compares like with like.
+
+  python bench/bench_inference.py --shape small            # CPU, a small UNet / ViT
+  python bench/bench_inference.py --shape sd14 --reps 2    # CPU, SD v1-4 UNet and CLIP ViT-L/14 shapes
+  python bench/bench_inference.py --shape sd14 --gpu       # GPU: bf16 JAX vs fp16 PyTorch (SDPA), + 512 px pipeline
+
+Step = one UNet call on the classifier-free-guidance batch (2 x images) with the 77-token context; JAX with and
+without ELITE's local branch (256 local tokens), PyTorch stock (no ELITE: the plain cost of its UNet). Encoding =
+CLIP vision tower on the photo and the masked object, global + local mapper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from elite_jax import convert, elite, presets
+from elite_jax.models.attention import LocalInputs
+from elite_jax.models.clip import CLIPVisionTransformer, vision_config_from_transformers
+from elite_jax.models.mappers import MapperConfig
+from elite_jax.models.unet import UNet, UNetConfig
+
+SMALL_UNET = dict(presets.SD14_UNET, block_out_channels=[64, 128, 256, 256], sample_size=32)
+SMALL_VISION = dict(presets.CLIP_L14_VISION, hidden_size=256, intermediate_size=1024, num_attention_heads=4)
+
+
+def timeit(fn, reps: int, sync) -> float:
+  fn()
+  sync(fn())  # warm-up (compile / autotune)
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def jax_sync(x):
+  jax.block_until_ready(x)
+
+
+def torch_sync(x):
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+
+
+def bench_step(unet_cfg: dict, images: int, reps: int, gpu: bool) -> dict:
+  from diffusers import UNet2DConditionModel
+  torch.manual_seed(0)
+  tm = UNet2DConditionModel(**unet_cfg).eval()
+  cfg = UNetConfig.from_diffusers(unet_cfg)
+  jdtype, tdtype = (jnp.bfloat16, torch.float16) if gpu else (jnp.float32, torch.float32)
+  params = convert.torch_to_flax({k: v.numpy() for k, v in tm.state_dict().items()})
+  params = jax.tree.map(lambda x: jnp.asarray(x, jdtype), params)
+  side = unet_cfg["sample_size"]
+  b = 2 * images
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((b, side, side, 4)).astype(np.float32)
+  ctx = rng.standard_normal((b, 77, cfg.cross_attention_dim)).astype(np.float32)
+  t = np.full((b,), 500.0, np.float32)
+  kv_local = {}
+  for path in cfg.cross_attention_paths():
+    node = params
+    for p in path:
+      node = node[p]
+    kv_local[path] = {"to_k_local": {"kernel": node["to_k"]["kernel"]}, "to_v_local": {"kernel": node["to_v"]["kernel"]}}
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(params)
+  for path, leaves in kv_local.items():
+    for name, v in leaves.items():
+      flat[path + (name, "kernel")] = v["kernel"]
+  params_local = traverse_util.unflatten_dict(flat)
+  local = LocalInputs(jnp.asarray(rng.standard_normal((images, 256, cfg.cross_attention_dim)), jdtype),
+                      jnp.full((images,), 5, jnp.int32), jnp.full((images,), 0.8, jnp.float32), max_group=1)
+  out = {}
+  for impl in ([None, "cudnn"] if gpu else [None]):
+    unet = UNet(cfg, dtype=jdtype, attention_impl=impl)
+    f_plain = jax.jit(lambda p, x, c: unet.apply({"params": p}, x, t, c))
+    f_local = jax.jit(lambda p, x, c, l: unet.apply({"params": p}, x, t, c, l))
+    xj, cj = jnp.asarray(x, jdtype), jnp.asarray(ctx, jdtype)
+    name = "jax" + ("_cudnn" if impl else "")
+    out[f"{name}_step_s"] = timeit(lambda: f_plain(params, xj, cj), reps, jax_sync)
+    out[f"{name}_step_local_s"] = timeit(lambda: f_local(params_local, xj, cj, local), reps, jax_sync)
+  dev = "cuda" if gpu else "cpu"
+  tm = tm.to(dev, tdtype)
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dev, tdtype)
+  ct = torch.from_numpy(ctx).to(dev, tdtype)
+  tt = torch.from_numpy(t).to(dev)
+  with torch.no_grad():
+    out["torch_step_s"] = timeit(lambda: tm(xt, tt, ct).sample, reps, torch_sync)
+  return out
+
+
+def bench_encode(vision_cfg: dict, mapper: MapperConfig, reps: int, gpu: bool) -> dict:
+  from transformers import CLIPVisionConfig, CLIPVisionModel
+  from tests.elite_reference import Mapper, tapped
+  torch.manual_seed(0)
+  tv = CLIPVisionModel(CLIPVisionConfig(**vision_cfg)).eval()
+  jdtype, tdtype = (jnp.bfloat16, torch.float16) if gpu else (jnp.float32, torch.float32)
+  vparams = convert.torch_to_flax({k.removeprefix("vision_model."): v.numpy() for k, v in tv.state_dict().items()},
+                                  skip=lambda k: k.endswith("position_ids"))
+  vparams = jax.tree.map(lambda x: jnp.asarray(x, jdtype), vparams)
+  enc = CLIPVisionTransformer(vision_config_from_transformers(vision_cfg), dtype=jdtype)
+  tmap = Mapper(mapper.input_dim, mapper.output_dim, mapper.hidden_dim).eval()
+  state = {k: v.numpy() for k, v in tmap.state_dict().items()}
+  mparams = convert.mapper_from_official(state, [], mapper.depth, False, "bench")["mapper"]
+  mparams = jax.tree.map(lambda x: jnp.asarray(x, jdtype), mparams)
+  rng = np.random.default_rng(0)
+  pix = rng.standard_normal((1, 224, 224, 3)).astype(np.float32)
+  mask = (rng.uniform(size=(1, 256)) > 0.5).astype(np.float32)
+
+  @jax.jit
+  def encode(vp, mp, clip, obj, m):
+    words = elite.global_words(mapper, mp, elite.image_features(enc, vp, clip, mapper.tapped_layers), jdtype)
+    local = elite.local_tokens(mapper, mp, elite.image_features(enc, vp, obj, mapper.tapped_layers), m, jdtype)
+    return words, local
+  pj = jnp.asarray(pix, jdtype)
+  out = {"jax_encode_s": timeit(lambda: encode(vparams, mparams, pj, pj, jnp.asarray(mask)), reps, jax_sync)}
+  dev = "cuda" if gpu else "cpu"
+  tv, tmap = tv.to(dev, tdtype), tmap.to(dev, tdtype)
+  pt = torch.from_numpy(pix.transpose(0, 3, 1, 2).copy()).to(dev, tdtype)
+  mt = torch.from_numpy(mask).to(dev, tdtype)[..., None]
+
+  def torch_encode():
+    hs = tv(pixel_values=pt, output_hidden_states=True).hidden_states
+    w = tmap.global_words(tapped(hs, mapper.tapped_layers))
+    hs2 = tv(pixel_values=pt, output_hidden_states=True).hidden_states
+    return w, tmap.local_tokens(tapped(hs2, mapper.tapped_layers)) * mt
+  with torch.no_grad():
+    out["torch_encode_s"] = timeit(torch_encode, reps, torch_sync)
+  return out
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--shape", choices=("small", "sd14"), default="small")
+  p.add_argument("--images", type=int, nargs="+", default=[1])
+  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--gpu", action="store_true", help="bf16 JAX vs fp16 PyTorch on the GPU")
+  p.add_argument("--json", help="append the results to this JSON-lines file")
+  args = p.parse_args()
+  torch.set_num_threads(os.cpu_count() or 1)
+  unet_cfg = presets.SD14_UNET if args.shape == "sd14" else SMALL_UNET
+  vision_cfg = presets.CLIP_L14_VISION if args.shape == "sd14" else SMALL_VISION
+  mapper = MapperConfig(input_dim=vision_cfg["hidden_size"], hidden_dim=1024 if args.shape == "sd14" else 256,
+                        output_dim=unet_cfg["cross_attention_dim"])
+  row = {"shape": args.shape, "device": str(jax.devices()[0].device_kind), "torch": torch.__version__,
+         "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+  for n in args.images:
+    r = bench_step(unet_cfg, n, args.reps, args.gpu)
+    row[f"images{n}"] = r
+    print(f"step, {n} image(s) (UNet batch {2 * n}, latent {unet_cfg['sample_size']}): "
+          f"jax {r['jax_step_s'] * 1e3:.1f} ms, jax+local {r['jax_step_local_s'] * 1e3:.1f} ms "
+          f"(+{100 * (r['jax_step_local_s'] / r['jax_step_s'] - 1):.1f}%), torch {r['torch_step_s'] * 1e3:.1f} ms "
+          f"-> torch/jax {r['torch_step_s'] / r['jax_step_s']:.2f}x", flush=True)
+  r = bench_encode(vision_cfg, mapper, args.reps, args.gpu)
+  row["encode"] = r
+  print(f"encode concept (photo + object, both mappers): jax {r['jax_encode_s'] * 1e3:.1f} ms, torch "
+        f"{r['torch_encode_s'] * 1e3:.1f} ms -> torch/jax {r['torch_encode_s'] / r['jax_encode_s']:.2f}x", flush=True)
+  if args.json:
+    with open(args.json, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+  main()
