@@ -174,8 +174,7 @@ class Sampler(flax.struct.PyTreeNode):
   def init_state(self, x: jax.Array) -> Any:
     return ()
 
-  def step(self, state: Any, i: jax.Array | int, model_output: jax.Array, x: jax.Array) -> tuple[jax.Array, Any]:
-    raise NotImplementedError
+  # Each sampler below defines step(state, i, model_output, x) -> (x_prev, state).
 
 
 class _SigmaSampler(Sampler):

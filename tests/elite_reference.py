@@ -92,8 +92,20 @@ class EliteProcessor:
     return attn.to_out[1](attn.to_out[0](out))
 
 
-def install_elite(unet, global_state: dict, local_state: dict | None = None):
-  """Load the official K/V copies into a diffusers UNet (global -> attn2.to_k/to_v) and set Elite processors."""
+class Proj(nn.Module):
+  """A bias-free projection that uses the given weight tensor itself (so gradients reach it, if it wants them)."""
+
+  def __init__(self, weight):
+    super().__init__()
+    self.weight = weight
+
+  def forward(self, x):
+    return x @ self.weight.T
+
+
+def install_elite(unet, global_state: dict, local_state: dict | None = None, processor=EliteProcessor):
+  """The official K/V copies into a diffusers UNet (global -> each attn2's to_k/to_v, spec 3.4), ELITE processors on
+  every attention (attn1 runs plain self-attention through them, as the official class patch does)."""
   from tests.tiny_models import attn2_modules
   processors = {}
   for name, module in unet.named_modules():
@@ -101,16 +113,10 @@ def install_elite(unet, global_state: dict, local_state: dict | None = None):
       key = name.replace(".", "_")
       kl = vl = None
       if name.endswith("attn2"):
-        with torch.no_grad():
-          module.to_k.weight.copy_(global_state[f"{key}_to_k.weight"])
-          module.to_v.weight.copy_(global_state[f"{key}_to_v.weight"])
+        module.to_k, module.to_v = Proj(global_state[f"{key}_to_k.weight"]), Proj(global_state[f"{key}_to_v.weight"])
         if local_state is not None:
-          kl = nn.Linear(module.to_k.in_features, module.to_k.out_features, bias=False)
-          vl = nn.Linear(module.to_v.in_features, module.to_v.out_features, bias=False)
-          with torch.no_grad():
-            kl.weight.copy_(local_state[f"{key}_to_k.weight"])
-            vl.weight.copy_(local_state[f"{key}_to_v.weight"])
-      processors[f"{name}.processor"] = EliteProcessor(kl, vl)
+          kl, vl = Proj(local_state[f"{key}_to_k.weight"]), Proj(local_state[f"{key}_to_v.weight"])
+      processors[f"{name}.processor"] = processor(kl, vl)
   assert len(attn2_modules(unet)) == sum(1 for k in processors if "attn2" in k)
   unet.set_attn_processor(processors)  # (consumes the dict)
   return unet

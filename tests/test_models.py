@@ -12,6 +12,7 @@ import torch
 from elite_jax import weights
 from elite_jax.errors import InputError
 from elite_jax.models.clip import inject_words
+from tests import elite_reference
 from tests import tiny_models
 
 
@@ -72,17 +73,6 @@ def test_vae_matches_diffusers(tmp_path, old_names):
   assert _rel(dec, want_dec) < 2e-5
 
 
-def _torch_inject(embeds, words, index):
-  """Spec 2.3, restated: the official loop over the batch."""
-  new = embeds.clone()
-  k = words.shape[1]
-  for b, idx in enumerate(index.tolist()):
-    n = new[b, idx + k:].shape[0]
-    new[b, idx + k:] = embeds[b, idx + 1: idx + 1 + n]
-    new[b, idx:idx + k] = words[b]
-  return new
-
-
 @pytest.fixture(scope="module")
 def text_encoder(tmp_path_factory):
   folder = tmp_path_factory.mktemp("text")
@@ -106,7 +96,7 @@ def test_text_encoder_with_injection(text_encoder, k, index):
   with torch.no_grad():
     embeds = ref.embeddings.token_embedding(t_ids)
     if k:
-      embeds = _torch_inject(embeds, torch.from_numpy(words), torch.from_numpy(idx))
+      embeds = elite_reference.inject(embeds, torch.from_numpy(words), torch.from_numpy(idx))  # spec 2.3
     h = ref.embeddings(input_ids=t_ids, inputs_embeds=embeds)  # positions added unshifted
     mask = torch.full((77, 77), torch.finfo(torch.float32).min).triu(1)[None, None]
     for layer in ref.encoder.layers:

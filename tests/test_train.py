@@ -19,6 +19,7 @@ import infer
 from elite_jax import weights
 from elite_jax.errors import InputError
 from elite_jax.train import loop
+from tests import tiny_models
 from tests.openimages_fixture import write_openimages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,13 +32,7 @@ def load_config(name: str, **over):
   spec.loader.exec_module(module)
   c = module.get_config()
   c.mesh.data = 2  # two of the eight host devices: data-parallel, fast
-  for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return tiny_models.override(c, **over)
 
 
 def metrics(workdir: Path) -> list[dict]:

@@ -45,13 +45,7 @@ def _config(root, stage=1, **over):
   c.batch_size, c.grad_accum = 4, 1
   c.scale_lr, c.learning_rate = False, 1e-3
   c.reg_weight = 0.01 if stage == 1 else 1e-4  # the two recipes' regulariser weights
-  for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return tiny_models.override(c, **over)
 
 
 def _batch(stage, b=4, seed=0, vocab=None):
@@ -126,7 +120,7 @@ def _reference_loss(stage, folders, models, trainable, frozen_np, batch, zt, tar
   if stage == 1:
     words = mapper.global_words(ref.tapped(hs))
     context = ref.encode_text(text_enc, ids, words, index)
-    _install_kv(unet, kv, None)
+    ref.install_elite(unet, kv, None, processor=_RecordingProcessor)
     pred = unet(nchw(zt), tt, context).sample
     loss = F.mse_loss(pred, nchw(target), reduction="none").mean([1, 2, 3]).mean() + 0.01 * torch.mean(
         torch.abs(words))
@@ -137,7 +131,7 @@ def _reference_loss(stage, folders, models, trainable, frozen_np, batch, zt, tar
     hs_obj = [h.detach() for h in vision(pixel_values=nchw(batch["pixel_values_obj"]), output_hidden_states=True)
               .hidden_states]
     local = mapper.local_tokens(ref.tapped(hs_obj)) * torch.from_numpy(batch["token_mask"])[..., None]
-    _install_kv(unet, gstate, kv)
+    ref.install_elite(unet, gstate, kv, processor=_RecordingProcessor)
     values = []
     pred = unet(nchw(zt), tt, context, cross_attention_kwargs=dict(local=local, index=index, lam=1.0,
                                                                    values=values)).sample
@@ -156,30 +150,6 @@ class _RecordingProcessor(ref.EliteProcessor):
     if encoder_hidden_states is not None and local is not None and values is not None:
       values.append(self.to_v_local(local))
     return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, local, index, lam)
-
-
-class _Proj(torch.nn.Module):
-  def __init__(self, weight):
-    super().__init__()
-    self.weight = weight
-
-  def forward(self, x):
-    return x @ self.weight.T
-
-
-def _install_kv(unet, gstate, lstate):
-  procs = {}
-  for name, module in unet.named_modules():
-    if hasattr(module, "set_processor") and hasattr(module, "to_q"):
-      key = name.replace(".", "_")
-      kl = vl = None
-      if name.endswith("attn2"):
-        module.to_k = _Proj(gstate[f"{key}_to_k.weight"])
-        module.to_v = _Proj(gstate[f"{key}_to_v.weight"])
-        if lstate is not None:
-          kl, vl = _Proj(lstate[f"{key}_to_k.weight"]), _Proj(lstate[f"{key}_to_v.weight"])
-      procs[f"{name}.processor"] = _RecordingProcessor(kl, vl)
-  unet.set_attn_processor(procs)
 
 
 @pytest.mark.parametrize("stage", [1, 2])

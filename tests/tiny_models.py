@@ -148,3 +148,14 @@ def attn2_modules(unet) -> list[tuple[str, torch.nn.Module]]:
   found = [(n, m) for n, m in unet.named_modules() if n.endswith("attn2")]
   order = lambda n: (0 if n.startswith("down") else 1 if n.startswith("up") else 2)
   return sorted(found, key=lambda item: order(item[0]))  # stable: keeps named_modules order within a group
+
+
+def override(config, **over):
+  """Set dotted keys of an ml_collections config: override(c, **{"data.resolution": 64})."""
+  for key, value in over.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config

@@ -66,6 +66,23 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def tiny(c: ml_collections.ConfigDict, photos: str) -> ml_collections.ConfigDict:
+  """The CPU first-run settings of configs/tiny_stage*.py: RANDOM tiny models, a folder of photos, 64 px, 20 steps."""
+  c.pretrained = "random-tiny"
+  c.mapper.hidden_dim = 32
+  c.data.builder = "folder"
+  c.data.manual_dir = photos
+  c.data.resolution = 64
+  c.batch_size = 2
+  c.grad_accum = 1
+  c.learning_rate = 1e-4
+  c.scale_lr = False
+  c.num_train_steps = 20
+  c.checkpoint_every = 10
+  c.log_every = 1
+  return c
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   def need(ok: bool, key: str, why: str) -> None:
     if not ok:
