@@ -145,12 +145,57 @@ def bench_encode(vision_cfg: dict, mapper: MapperConfig, reps: int, gpu: bool) -
   return out
 
 
+def bench_pipeline(size: str, images: list[int], steps: int, side: int, reps: int, gpu: bool) -> dict:
+  """Whole generation (text, denoising loop with CFG, VAE decode): ElitePipeline (random weights, global + local)
+  against diffusers' StableDiffusionPipeline on the same shapes (random weights, DDIM, SDPA)."""
+  import tempfile
+  from diffusers import AutoencoderKL as TVAE, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+  from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+  from elite_jax.random_preset import random_pipeline, write_tokenizer
+  jdtype, tdtype = (jnp.bfloat16, torch.float16) if gpu else (jnp.float32, torch.float32)
+  pipe = random_pipeline(dtype=jdtype, size=size)
+  photo = (np.random.default_rng(0).uniform(0, 255, (side, side, 3))).astype(np.uint8)
+  mask = np.zeros((side, side), np.uint8)
+  mask[side // 4: 3 * side // 4, side // 4: 3 * side // 4] = 255
+  concept = pipe.encode_concept(photo, mask)
+  out = {"jax_encode_s": timeit(lambda: pipe.encode_concept(photo, mask).words, reps, jax_sync)}
+  from pathlib import Path
+  folder = Path(tempfile.mkdtemp())
+  vocab = write_tokenizer(folder)
+  tok = CLIPTokenizer.from_pretrained(str(folder))
+  if size != "sd14":
+    raise SystemExit("--pipeline compares against diffusers at --shape sd14 only")
+  text = CLIPTextModel(CLIPTextConfig(**{**presets.CLIP_L14_TEXT, "vocab_size": max(vocab, 49408)}))
+  unet_t, vae_t = UNet2DConditionModel(**presets.SD14_UNET), TVAE(**presets.SD14_VAE)
+  sched = DDIMScheduler.from_config(presets.SD14_SCHEDULER)
+  dev = "cuda" if gpu else "cpu"
+  tpipe = StableDiffusionPipeline(vae=vae_t, text_encoder=text, tokenizer=tok, unet=unet_t, scheduler=sched,
+                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  tpipe = tpipe.to(dev, tdtype)
+  tpipe.set_progress_bar_config(disable=True)
+  h = w = 8 * presets.SD14_UNET["sample_size"]
+  for n in images:
+    gen = lambda: pipe.generate(concept, "a photo of a S", num_images=n, scheduler="ddim", steps=steps, guidance=5.0,
+                                lam=0.8, height=h, width=w, progress=False)
+    out[f"jax_images{n}_s"] = timeit(gen, reps, lambda x: None)
+    tgen = lambda: tpipe("a photo of a dog", num_inference_steps=steps, guidance_scale=5.0, num_images_per_prompt=n,
+                         height=h, width=w, output_type="np").images
+    with torch.no_grad():
+      out[f"torch_images{n}_s"] = timeit(tgen, reps, torch_sync)
+    print(f"pipeline {h}x{w}, DDIM {steps} steps, CFG, {n} image(s): jax {out[f'jax_images{n}_s']:.2f} s (ELITE "
+          f"global+local), torch {out[f'torch_images{n}_s']:.2f} s (stock SD) -> torch/jax "
+          f"{out[f'torch_images{n}_s'] / out[f'jax_images{n}_s']:.2f}x", flush=True)
+  return out
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shape", choices=("small", "sd14"), default="small")
   p.add_argument("--images", type=int, nargs="+", default=[1])
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--gpu", action="store_true", help="bf16 JAX vs fp16 PyTorch on the GPU")
+  p.add_argument("--pipeline", action="store_true", help="also time whole generations (sd14 shapes, DDIM)")
+  p.add_argument("--steps", type=int, default=50, help="denoising steps for --pipeline")
   p.add_argument("--json", help="append the results to this JSON-lines file")
   args = p.parse_args()
   torch.set_num_threads(os.cpu_count() or 1)
@@ -171,6 +216,8 @@ def main() -> None:
   row["encode"] = r
   print(f"encode concept (photo + object, both mappers): jax {r['jax_encode_s'] * 1e3:.1f} ms, torch "
         f"{r['torch_encode_s'] * 1e3:.1f} ms -> torch/jax {r['torch_encode_s'] / r['jax_encode_s']:.2f}x", flush=True)
+  if args.pipeline:
+    row["pipeline"] = bench_pipeline(args.shape, args.images, args.steps, 512, max(1, args.reps // 2), args.gpu)
   if args.json:
     with open(args.json, "a") as f:
       f.write(json.dumps(row) + "\n")

@@ -99,6 +99,9 @@ class Proj(nn.Module):
     super().__init__()
     self.weight = weight
 
+  in_features = property(lambda self: self.weight.shape[1])
+  out_features = property(lambda self: self.weight.shape[0])
+
   def forward(self, x):
     return x @ self.weight.T
 

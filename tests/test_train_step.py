@@ -256,3 +256,17 @@ def test_wide_mapper_tensor_parallel(folders):
   assert kernel.shape == (32, 128) and kernel.addressable_shards[0].data.shape == (32, 16)
   assert all(np.isfinite(m["loss"]) for m in metrics)
   assert metrics[-1]["loss"] < metrics[0]["loss"] * 1.5
+
+
+def test_remat_and_mixed_precision(folders):
+  """Rematerialisation changes memory, not numbers; bfloat16 frozen weights and compute stay close to float32."""
+  root = folders[0]
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  _, base, _ = _run_steps(_config(root, 1, batch_size=2), mesh, 1)
+  _, remat, _ = _run_steps(_config(root, 1, batch_size=2, remat=True), mesh, 1)
+  assert abs(base[0]["loss"] - remat[0]["loss"]) < 1e-5 * abs(base[0]["loss"])
+  assert abs(base[0]["grad_norm"] - remat[0]["grad_norm"]) < 1e-4 * abs(base[0]["grad_norm"])
+  state, bf16, _ = _run_steps(_config(root, 1, batch_size=2, frozen_dtype="bfloat16", compute_dtype="bfloat16"),
+                              mesh, 1)
+  assert abs(bf16[0]["loss"] - base[0]["loss"]) < 0.05 * abs(base[0]["loss"])
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))  # float32 master weights
