@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of BENCHMARKS.md in one device call (random weights at the real shapes). The device image has
-# jax, flax, optax, orbax, torch and transformers; carry wheels for the rest (see bench/README.md):
-#   diffusers, ml_collections, tensorboardX, grain, tensorflow-datasets (import only), array-record.
-# Usage on the device machine, from the repository root:  bash bench/gpu_run.sh $OUT
+# jax, flax, optax, orbax, torch, transformers, opencv; carry wheels of the rest (Python 3.12), made here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers ml_collections tensorboardX
+# and on the device:  pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# Usage there, from the repository root:  bash bench/gpu_run.sh $OUT
 set -uo pipefail
 out=${1:-/tmp/bench_out}
 mkdir -p "$out"
