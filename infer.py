@@ -51,14 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
-  from elite_jax.errors import InputError
-  try:
-    run(args)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  from elite_jax.errors import exit_code
+  return exit_code(run, parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> None:

@@ -249,13 +249,17 @@ def main() -> None:
         t = median_time(run, args.reps, jax.block_until_ready)
         pk = PEAK_GPU[compute] if args.gpu else peak
         row[f"jax_{compute}"] = {"step_s": t, "samples_per_s": batch / t, "flops": flops, "mfu": flops / t / pk}
-        if args.gpu:
-          row[f"jax_{compute}"]["peak_bytes"] = jax.devices()[0].memory_stats().get("peak_bytes_in_use")
-        elif mem is not None:
-          row[f"jax_{compute}"]["temp_bytes"] = int(getattr(mem, "temp_size_in_bytes", 0))
+        # The compiled step's own footprint (arguments + outputs + temporaries - donated aliases), per config: the
+        # device's peak counter would carry over from the configs measured before it in this process.
+        need = 0
+        if mem is not None:
+          need = sum(int(getattr(mem, f, 0)) for f in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                       "temp_size_in_bytes")) - int(getattr(mem, "alias_size_in_bytes", 0))
+        row[f"jax_{compute}"]["step_bytes"] = need
         print(f"stage {stage} batch {batch} jax {compute}: {t * 1e3:.0f} ms/step, {batch / t:.2f} samples/s, "
-              f"{flops / 1e12:.3f} TFLOP/step, MFU {100 * flops / t / pk:.1f}%", flush=True)
-        del fn, state, frozen, gb, holder
+              f"{flops / 1e12:.3f} TFLOP/step, MFU {100 * flops / t / pk:.1f}%, step memory {need / 2**30:.2f} GiB",
+              flush=True)
+        holder.clear()
       if not args.skip_torch:
         for autocast in ((False, True) if args.gpu else (False,)):
           step = torch_step_fn(stage, tms, shape, batch, device, autocast)

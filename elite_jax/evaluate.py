@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from elite_jax.errors import InputError
+from elite_jax.errors import InputError, exit_code
 
 if TYPE_CHECKING:  # heavy imports (jax, models) wait until a command needs them: errors come back fast
   from elite_jax.metrics import MetricModels
@@ -516,13 +516,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  try:
-    evaluate(args)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return exit_code(evaluate, parse_args(argv))
 
 
 if __name__ == "__main__":

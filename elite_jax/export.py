@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from elite_jax import convert, torch_io
-from elite_jax.errors import InputError
+from elite_jax.errors import InputError, exit_code
 
 
 def export(src: str | Path, dest: str | Path) -> Path:
@@ -38,12 +38,7 @@ def main(argv=None) -> int:
   p.add_argument("src", help="an elite-jax mapper .safetensors")
   p.add_argument("dest", help="the .pt file to write")
   args = p.parse_args(argv)
-  try:
-    print(export(args.src, args.dest))
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return exit_code(lambda: print(export(args.src, args.dest)))
 
 
 if __name__ == "__main__":

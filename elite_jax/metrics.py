@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

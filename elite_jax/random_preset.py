@@ -127,9 +127,9 @@ def random_components(seed: int = 0, dtype=jnp.float32, size: str = "tiny") -> d
             "text_encoder": init(text_enc, s((1, 77), jnp.int32)),
             "image_encoder": init(image_enc, s((1, 224, 224, 3), jnp.float32))}
   g = MapperBundle(map_cfg, init(GlobalMapper(map_cfg), feats),
-                   random_params(weights._kv_shapes(unet_cfg, local=False), rng))
+                   random_params(weights.kv_shapes(unet_cfg, local=False), rng))
   l = MapperBundle(map_cfg, init(LocalMapper(map_cfg), feats),
-                   random_params(weights._kv_shapes(unet_cfg, local=True), rng))
+                   random_params(weights.kv_shapes(unet_cfg, local=True), rng))
   cast = lambda t: weights.to_dtype(t, dtype)
   g = MapperBundle(g.config, cast(g.params), cast(g.kv))
   l = MapperBundle(l.config, cast(l.params), cast(l.kv))

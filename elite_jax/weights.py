@@ -271,12 +271,12 @@ def load_mapper(path: str | os.PathLike, unet_config: UNetConfig, *, local: bool
   feats = [jax.ShapeDtypeStruct((1, 2, config.input_dim), jnp.float32)] * config.num_words
   shapes = jax.eval_shape(lambda f: mapper_cls(config).init(jax.random.key(0), f), feats)["params"]
   weights["mapper"] = convert.check_against(weights["mapper"], shapes, what)
-  kv_shapes = _kv_shapes(unet_config, local)
-  weights["kv"] = convert.check_against(weights["kv"], kv_shapes, f"{what} (cross-attention K/V)")
+  weights["kv"] = convert.check_against(weights["kv"], kv_shapes(unet_config, local),
+                                       f"{what} (cross-attention K/V)")
   return config, weights
 
 
-def _kv_shapes(unet_config: UNetConfig, local: bool) -> Params:
+def kv_shapes(unet_config: UNetConfig, local: bool) -> Params:
   """The attn2 K/V kernel shapes of this UNet: (cross_attention_dim, inner) per layer."""
   from flax import traverse_util
   flat = {}

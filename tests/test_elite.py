@@ -66,7 +66,7 @@ def test_official_mappers_load_and_match(real_size_mappers):
     # the K/V copies land on every attn2, transposed
     n = len(unet_cfg.cross_attention_paths())
     leaves = jax.tree.leaves(w["kv"])
-    assert len(leaves) == 2 * n == 2 * len([k for k in states[kind] if "attn2" in k]) // 2 * 1
+    assert len(leaves) == 2 * n == len([k for k in states[kind] if "attn2" in k])
 
 
 def test_export_round_trip(real_size_mappers, tmp_path):

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import infer
-from elite_jax import weights
 from elite_jax.errors import InputError
 from elite_jax.train import loop
 from tests import tiny_models

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from elite_jax.random_preset import SD14_SCHEDULER, WORDS, write_tokenizer  # noqa: F401  (one tokenizer for all)
+from elite_jax.random_preset import SD14_SCHEDULER, write_tokenizer  # one tokenizer for all tests
 
 
 def randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:

@@ -134,14 +134,8 @@ def _stage1_examples(root: str, stats: records.BuildStats):
       continue
     by_image.setdefault(row["ImageID"], []).append((n, row["LabelName"], box))
   for image_id, items in by_image.items():
-    path = os.path.join(root, IMAGES, image_id + ".jpg")
-    if not os.path.isfile(path):
-      stats.skip("missing_image", path, len(items))
-      continue
-    try:
-      image = records.read_rgb_pil(path)
-    except Exception as e:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, ...) is an unreadable file
-      stats.skip("unreadable_image", f"{path}: {type(e).__name__}: {e}", len(items))
+    image = _read_image(root, image_id, records.read_rgb_pil, stats, len(items))
+    if image is None:
       continue
     height, width = image.shape[:2]
     for n, label, box in items:
@@ -157,6 +151,19 @@ def _stage1_examples(root: str, stats: records.BuildStats):
           "image_size": (height, width)}
 
 
+def _read_image(root: str, image_id: str, reader, stats: records.BuildStats, count: int):
+  """The decoded image, or None after counting its ``count`` examples as skipped (missing or unreadable file)."""
+  path = os.path.join(root, IMAGES, image_id + ".jpg")
+  if not os.path.isfile(path):
+    stats.skip("missing_image", path, count)
+    return None
+  try:
+    return reader(path)
+  except Exception as e:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, ...) is an unreadable file
+    stats.skip("unreadable_image", f"{path}: {type(e).__name__}: {e}", count)
+    return None
+
+
 def _stage2_examples(root: str, stats: records.BuildStats):
   classes = _classes(root)
   by_image: dict[str, list] = {}
@@ -165,14 +172,8 @@ def _stage2_examples(root: str, stats: records.BuildStats):
     # As the official code: the image id is the mask file name's first '_' field (not the ImageID column).
     by_image.setdefault(mask_path.split("_")[0], []).append((mask_path, row["LabelName"]))
   for image_id, items in by_image.items():
-    path = os.path.join(root, IMAGES, image_id + ".jpg")
-    if not os.path.isfile(path):
-      stats.skip("missing_image", path, len(items))
-      continue
-    try:
-      image = records.read_rgb_cv2(path)
-    except Exception as e:  # noqa: BLE001
-      stats.skip("unreadable_image", f"{path}: {type(e).__name__}: {e}", len(items))
+    image = _read_image(root, image_id, records.read_rgb_cv2, stats, len(items))
+    if image is None:
       continue
     height, width = image.shape[:2]
     for mask_path, label in items:

@@ -135,7 +135,7 @@ def abstract_frozen(models: Models, resolution: int) -> Params:
 
 
 def abstract_kv(models: Models, local: bool) -> Params:
-  shapes = weights._kv_shapes(models.unet.config, local)
+  shapes = weights.kv_shapes(models.unet.config, local)
   return jax.tree.map(lambda x: nn.LogicallyPartitioned(x, (layers.EMBED, layers.HEADS)), shapes)
 
 
