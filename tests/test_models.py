@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from elite_jax import weights
+from elite_jax.weights import pretrained
 from elite_jax.errors import InputError
 from elite_jax.models.clip import inject_words
 from tests import elite_reference
@@ -24,13 +24,15 @@ def _nchw(x):
   return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 
 
-@pytest.mark.parametrize("variant,safe,size", [("sd1", True, (16, 16)), ("sd1", False, (10, 14)), ("sd1", True, (32, 24)),
-                                               ("sd2", True, (16, 16))])
-def test_unet_matches_diffusers(tmp_path, variant, safe, size):
+# "auto" is the CPU kernel here; "xla" is what GPUs take (TPUs' Pallas kernel: tests/test_attention.py).
+@pytest.mark.parametrize("variant,safe,size,attention", [
+    ("sd1", True, (16, 16), "auto"), ("sd1", False, (10, 14), "auto"), ("sd1", True, (32, 24), "auto"),
+    ("sd2", True, (16, 16), "auto"), ("sd1", True, (16, 16), "xla")])
+def test_unet_matches_diffusers(tmp_path, variant, safe, size, attention):
   config = tiny_models.unet_config_sd1() if variant == "sd1" else tiny_models.unet_config_sd2()
   ref = tiny_models.make_unet(config, seed=1)
   ref.save_pretrained(tmp_path / "unet", safe_serialization=safe)
-  module, params = weights.load_unet(tmp_path / "unet")
+  module, params = pretrained.load_unet(tmp_path / "unet", attention_impl=attention)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, *size, 4), dtype=np.float32)
   t = np.array([3.0, 801.0], np.float32)
@@ -47,7 +49,7 @@ def test_unet_rejects_wrong_weights(tmp_path):
   cfg = (tmp_path / "unet" / "config.json")
   cfg.write_text(cfg.read_text().replace('"cross_attention_dim": 32', '"cross_attention_dim": 64'))
   with pytest.raises(InputError, match="wrong shape"):
-    weights.load_unet(tmp_path / "unet")
+    pretrained.load_unet(tmp_path / "unet")
 
 
 @pytest.mark.parametrize("old_names", [False, True])
@@ -60,7 +62,7 @@ def test_vae_matches_diffusers(tmp_path, old_names):
     assert any(".query." in k for k in state)
     (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     torch.save(state, tmp_path / "vae" / "diffusion_pytorch_model.bin")
-  module, params = weights.load_vae(tmp_path / "vae")
+  module, params = pretrained.load_vae(tmp_path / "vae")
   img = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   mean, logvar = jax.jit(lambda p, x: module.apply({"params": p}, x, method=module.encode))(params, img)
   z = np.random.default_rng(2).standard_normal((2, 4, 4, 4)).astype(np.float32)
@@ -79,7 +81,7 @@ def text_encoder(tmp_path_factory):
   vocab = tiny_models.write_tokenizer(folder / "tokenizer")
   ref = tiny_models.make_text_encoder(vocab, seed=3)
   ref.save_pretrained(folder / "text_encoder")
-  module, params = weights.load_text_encoder(folder / "text_encoder")
+  module, params = pretrained.load_text_encoder(folder / "text_encoder")
   return ref, module, params, vocab
 
 
@@ -121,7 +123,7 @@ def test_inject_words_bos_and_tail():
 def test_vision_encoder_hidden_states(tmp_path, full_clip):
   ref = tiny_models.make_vision_encoder(seed=4, full_clip=full_clip)
   ref.save_pretrained(tmp_path / "clip", safe_serialization=not full_clip)
-  module, params = weights.load_image_encoder(tmp_path / "clip")
+  module, params = pretrained.load_image_encoder(tmp_path / "clip")
   pixels = np.random.default_rng(5).standard_normal((2, 224, 224, 3)).astype(np.float32)
   states, pooled = jax.jit(module.apply)({"params": params}, pixels)
   vision = ref.vision_model if full_clip else ref

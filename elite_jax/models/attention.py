@@ -1,170 +1,139 @@
-"""Attention for the Stable Diffusion UNet, with ELITE's local branch (spec 3.3).
+"""softmax(q k^T / sqrt(d)) v by name: the attention kernels every model uses, chosen by configuration.
 
-One ``Attention`` module serves every attn1 (self-attention) and attn2 (cross-attention) of the UNet. Given no
-``LocalInputs`` it is stock SD attention. With a concept loaded, attn2's ``to_k``/``to_v`` hold the global mapper's
-K/V copies (the official code never uses SD's own attn2 K/V once ELITE is loaded, unconditional branch included), and
-``LocalInputs`` adds
+Every attention of the models (the UNet's self- and cross-attention, the CLIP towers, the VAE, the DINO ViT) calls
+``dot_product_attention`` with an ``implementation`` that its module is given (``attention_impl``):
 
-    out = A Vg + lambda * (M * softmax(Q Kl^T / sqrt(d))) Vl,   M = a / max(a),  a = A[..., s_b]
-
-before ``to_out``, where A is the global attention and a the attention map of the w0 token at the placeholder index.
-The max is one scalar over a group of samples, all heads and positions: the official code takes it over the whole
-per-device batch (a quirk); ``LocalInputs.max_group`` says how many consecutive samples share it (1 = per sample,
-which equals the official inference, whose conditional batch is one image).
+- ``"xla"``: ``jax.nn.dot_product_attention``'s XLA composite; every backend.
+- ``"cudnn"``: cuDNN's fused kernel (GPU, half precision; float32 inputs take ``"xla"``, which cuDNN does not take).
+- ``"cpu"``: heads-major matmuls over 64-query chunks, the fastest form on XLA:CPU (BENCHMARKS.md); a causal
+  attention (77 text tokens) takes ``"xla"``.
+- ``"pallas"``: the Pallas TPU flash-attention kernel JAX ships (``jax.experimental.pallas.ops.tpu``), which never
+  materialises the (Lq, Lk) scores: what keeps 512 px training on TPUs from holding 4096 x 4096 maps. It takes
+  sequence lengths that are multiples of 128 and head dims up to 128 (or multiples of 128); other shapes (the
+  77-token cross-attention, SD's 160-wide heads at 16 x 16) take ``"xla"``, whose maps are small there. Off a TPU it
+  runs in Pallas' interpret mode (slow; for tests).
+- ``"auto"`` (default): ``"cpu"`` on CPU, ``"pallas"`` on TPU, ``"xla"`` on GPU.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from elite_jax.models import layers
-from elite_jax.models.layers import EMBED, HEADS, MLP
+from elite_jax.errors import InputError
 
-Dtype = Any
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu", "pallas")
+CPU_CHUNK = 64  # queries per block of the CPU kernel
+PALLAS_BLOCK = 128  # the TPU kernel's block (and lane) size
 
 
-@flax.struct.dataclass
-class LocalInputs:
-  """ELITE's local concept for the first ``features.shape[0]`` samples of the UNet batch.
+def check_implementation(name: str | None) -> str:
+  """The name (None means "auto"), or an InputError for an unknown one."""
+  name = "auto" if name is None else name
+  if name not in IMPLEMENTATIONS:
+    raise InputError(f"attention implementation {name!r} is not one of {IMPLEMENTATIONS}")
+  return name
 
-  features: (Bc, T, C) masked local-mapper tokens (T = 256 for ViT-L/14), zeros outside the mask.
-  index: (Bc,) int position of the placeholder word (w0) in the prompt tokens.
-  scale: (Bc,) lambda per sample (0 turns the local branch off for that sample).
-  max_group: how many consecutive samples share one max when normalising the w0 map (static).
+
+def resolve(name: str | None) -> str:
+  """What ``"auto"`` means on this backend; other names unchanged."""
+  name = check_implementation(name)
+  if name != "auto":
+    return name
+  return {"cpu": "cpu", "tpu": "pallas"}.get(jax.default_backend(), "xla")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = "auto",
+                          causal: bool = False, upcast: bool = False) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v on (B, L, H, D) tensors, by ``implementation`` (see the module docstring).
+
+  ``upcast`` computes in float32 whatever the input dtype (diffusers' ``upcast_attention``/``upcast_softmax``, which
+  SD 2.1 needs in half precision and the VAE always sets); the result has q's dtype.
   """
-  features: jax.Array
-  index: jax.Array
-  scale: jax.Array
-  max_group: int = flax.struct.field(pytree_node=False, default=1)
+  if upcast and q.dtype != jnp.float32:
+    out = dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                implementation=implementation, causal=causal)
+    return out.astype(q.dtype)
+  impl = resolve(implementation)
+  if impl == "cpu" and not causal:
+    return _cpu_chunked(q, k, v)
+  if impl == "pallas" and _pallas_fits(q, k):
+    return _pallas_flash(q, k, v, causal)
+  if impl == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise InputError(f"attention implementation 'cudnn' needs a CUDA GPU; this backend is {jax.default_backend()}")
+    if q.dtype in (jnp.float16, jnp.bfloat16):
+      return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
 
 
-def normalise_map(a: jax.Array, group: int) -> jax.Array:
-  """M = a / max(a), one max per ``group`` consecutive samples over heads and positions."""
-  b = a.shape[0]
-  if group < 1 or b % group:
-    raise ValueError(f"local max group {group} does not divide the conditional batch {b}")
-  g = a.reshape(b // group, group, *a.shape[1:])
-  return (g / jnp.max(g, axis=(1, 2, 3), keepdims=True)).reshape(a.shape)
+def _cpu_chunked(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = CPU_CHUNK) -> jax.Array:
+  """Heads-major matmuls over 64-query chunks: XLA:CPU runs jax.nn.dot_product_attention's composite slowly (2 x 4096
+  tokens, 8 heads of 40: 1050 ms as (B, N, H, D) einsums, 660 ms like this; the whole 4096 x 4096 map would also be
+  1 GB)."""
+  b, n, h, d = q.shape
+  qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, H, N, D)
+  scale = jnp.asarray(d ** -0.5, q.dtype)
+
+  def block(qc):
+    probs = jax.nn.softmax(jnp.matmul(qc, kt.swapaxes(-1, -2)) * scale, axis=-1)
+    return jnp.matmul(probs, vt)
+  if n <= 2 * chunk or n % chunk:
+    out = block(qt)
+  else:
+    out = jax.lax.map(block, qt.reshape(b, h, n // chunk, chunk, d).transpose(2, 0, 1, 3, 4))
+    out = out.transpose(1, 2, 0, 3, 4).reshape(b, h, n, v.shape[-1])
+  return out.transpose(0, 2, 1, 3)
 
 
-class Attention(nn.Module):
-  """diffusers' Attention (to_q, to_k, to_v without bias; to_out_0 with bias), plus ELITE's local branch."""
-  heads: int
-  head_dim: int
-  out_dim: int
-  upcast: bool = False
-  dtype: Dtype = jnp.float32
-  implementation: str | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None = None, local: LocalInputs | None = None) -> jax.Array:
-    inner = self.heads * self.head_dim
-    context = x if context is None else context
-    proj = lambda name, bias=False: layers.dense(inner, (EMBED, HEADS), use_bias=bias, dtype=self.dtype, name=name)
-    q = layers.split_heads(proj("to_q")(x), self.heads)
-    k = layers.split_heads(proj("to_k")(context), self.heads)
-    v = layers.split_heads(proj("to_v")(context), self.heads)
-    if local is None:
-      out = layers.attention(q, k, v, upcast=self.upcast, implementation=self.implementation)
-    else:
-      bc = local.features.shape[0]
-      kl = proj("to_k_local")(local.features)
-      vl = proj("to_v_local")(local.features)
-      # Stage 2's regulariser: mean |to_v_local(e)| per layer, averaged over layers by the loss.
-      self.sow("intermediates", "local_value_abs_mean", jnp.mean(jnp.abs(vl.astype(jnp.float32))))
-      kl, vl = layers.split_heads(kl, self.heads), layers.split_heads(vl, self.heads)
-      # Conditional rows need the global probabilities themselves (the w0 map); the rest take the fused kernel.
-      probs = jax.nn.softmax(layers.attention_logits(q[:bc].astype(jnp.float32), k[:bc].astype(jnp.float32)), -1)
-      out_c = jnp.einsum("bhqk,bkhd->bqhd", probs, v[:bc].astype(jnp.float32))
-      a = jnp.take_along_axis(probs, local.index[:, None, None, None].astype(jnp.int32), axis=-1)[..., 0]
-      m = normalise_map(a, local.max_group)  # (Bc, H, N)
-      ol = layers.attention(q[:bc], kl, vl, upcast=self.upcast, implementation=self.implementation)  # (Bc,N,H,D)
-      weight = local.scale.astype(jnp.float32)[:, None, None, None] * jnp.transpose(m, (0, 2, 1))[..., None]
-      out_c = (out_c + ol.astype(jnp.float32) * weight).astype(q.dtype)
-      if bc < q.shape[0]:
-        rest = layers.attention(q[bc:], k[bc:], v[bc:], upcast=self.upcast, implementation=self.implementation)
-        out_c = jnp.concatenate([out_c, rest], axis=0)
-      out = out_c
-
-    out = layers.merge_heads(out)
-    return layers.dense(self.out_dim, (HEADS, EMBED), dtype=self.dtype, name="to_out_0")(out)
+def _pallas_fits(q: jax.Array, k: jax.Array) -> bool:
+  d = q.shape[-1]
+  return (q.shape[1] % PALLAS_BLOCK == 0 and k.shape[1] % PALLAS_BLOCK == 0 and k.shape[-1] == d
+          and (d <= PALLAS_BLOCK or d % PALLAS_BLOCK == 0))
 
 
-class GEGLU(nn.Module):
-  """diffusers' FeedForward with GEGLU: net_0/proj (dim -> 2*inner), exact GELU gate, net_2 (inner -> dim)."""
-  dim: int
-  mult: int = 4
-  dtype: Dtype = jnp.float32
+def _pallas_flash(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa  # noqa: PLC0415 - loads Mosaic: only when asked
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    inner = self.dim * self.mult
-    h = layers.dense(2 * inner, (EMBED, MLP), dtype=self.dtype, name="proj")(x)
-    h, gate = jnp.split(h, 2, axis=-1)
-    return h * layers.gelu(gate)
+  def flash(q, k, v):  # the kernel's layout is (B, H, L, D)
+    out = fa.flash_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                             causal=causal, sm_scale=q.shape[-1] ** -0.5)
+    return out.transpose(0, 2, 1, 3)
+  return flash(q, k, v) if jax.default_backend() == "tpu" else _interpreted(flash)(q, k, v)
 
 
-class FeedForward(nn.Module):
-  dim: int
-  dtype: Dtype = jnp.float32
+def _interpreted(fn):
+  """``fn`` with every Pallas call it traces, its backward pass's included, in TPU interpret mode (off a TPU)."""
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = GEGLU(self.dim, dtype=self.dtype, name="net_0")(x)
-    return layers.dense(self.dim, (MLP, EMBED), dtype=self.dtype, name="net_2")(h)
+  @jax.custom_vjp
+  def call(*args):
+    with pltpu.force_tpu_interpret_mode():
+      return fn(*args)
 
+  def fwd(*args):
+    with pltpu.force_tpu_interpret_mode():
+      return jax.vjp(fn, *args)
 
-class BasicTransformerBlock(nn.Module):
-  """norm1 -> attn1 (self) -> norm2 -> attn2 (cross, ELITE) -> norm3 -> GEGLU feed-forward, each residual."""
-  dim: int
-  heads: int
-  head_dim: int
-  upcast: bool = False
-  dtype: Dtype = jnp.float32
-  implementation: str | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array, local: LocalInputs | None = None) -> jax.Array:
-    attn = lambda name: Attention(self.heads, self.head_dim, self.dim, upcast=self.upcast, dtype=self.dtype,
-                                  implementation=self.implementation, name=name)
-    x = x + attn("attn1")(layers.layer_norm(1e-5, dtype=self.dtype, name="norm1")(x))
-    x = x + attn("attn2")(layers.layer_norm(1e-5, dtype=self.dtype, name="norm2")(x), context, local)
-    return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(layers.layer_norm(1e-5, dtype=self.dtype,
-                                                                                    name="norm3")(x))
+  def bwd(vjp_fn, g):
+    with pltpu.force_tpu_interpret_mode():
+      return vjp_fn(g)
+  call.defvjp(fwd, bwd)
+  return call
 
 
-class Transformer2D(nn.Module):
-  """diffusers' Transformer2DModel (continuous input): GroupNorm, proj_in (1x1 conv or linear), blocks, proj_out."""
-  channels: int
-  heads: int
-  num_layers: int = 1
-  groups: int = 32
-  use_linear_projection: bool = False
-  upcast: bool = False
-  dtype: Dtype = jnp.float32
-  implementation: str | None = None
-  remat: bool = False
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+  """(B, L, heads*d) -> (B, L, heads, d), the layout of dot_product_attention."""
+  b, l, c = x.shape
+  return x.reshape(b, l, heads, c // heads)
 
-  @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array, local: LocalInputs | None = None) -> jax.Array:
-    b, h, w, c = x.shape
-    residual = x
-    x = layers.group_norm(self.groups, 1e-6, dtype=self.dtype, name="norm")(x)
-    if self.use_linear_projection:
-      x = layers.dense(self.channels, (EMBED, MLP), dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
-    else:
-      x = layers.conv(self.channels, 1, dtype=self.dtype, name="proj_in")(x).reshape(b, h * w, self.channels)
-    block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
-    for i in range(self.num_layers):
-      x = block_cls(self.channels, self.heads, self.channels // self.heads, upcast=self.upcast, dtype=self.dtype,
-                    implementation=self.implementation, name=f"transformer_blocks_{i}")(x, context, local)
-    if self.use_linear_projection:
-      x = layers.dense(c, (MLP, EMBED), dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
-    else:
-      x = layers.conv(c, 1, dtype=self.dtype, name="proj_out")(x.reshape(b, h, w, self.channels))
-    return x + residual
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  b, l, h, d = x.shape
+  return x.reshape(b, l, h * d)
+
+
+def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+  """Scaled scores (B, H, Lq, Lk), computed as the official ELITE code does: matmul, then * d^-0.5."""
+  scale = q.shape[-1] ** -0.5
+  return jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, q.dtype)

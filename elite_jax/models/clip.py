@@ -9,17 +9,16 @@ residual stream (no post layer norm, spec 1.1).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from elite_jax.errors import InputError
+from elite_jax.models import attention as kernels
 from elite_jax.models import layers
 from elite_jax.models.layers import EMBED, HEADS, MLP
-
-Dtype = Any
+from elite_jax.types import Dtype, Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +80,14 @@ class CLIPAttention(nn.Module):
   hidden: int
   heads: int
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
     proj = lambda name: layers.dense(self.hidden, (EMBED, HEADS), dtype=self.dtype, name=name)
-    q, k, v = (layers.split_heads(proj(n)(x), self.heads) for n in ("q_proj", "k_proj", "v_proj"))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True) if causal else layers.attention(q, k, v)
-    return layers.dense(self.hidden, (HEADS, EMBED), dtype=self.dtype, name="out_proj")(layers.merge_heads(out))
+    q, k, v = (kernels.split_heads(proj(n)(x), self.heads) for n in ("q_proj", "k_proj", "v_proj"))
+    out = kernels.dot_product_attention(q, k, v, causal=causal, implementation=self.attention_impl)
+    return layers.dense(self.hidden, (HEADS, EMBED), dtype=self.dtype, name="out_proj")(kernels.merge_heads(out))
 
 
 class CLIPMLP(nn.Module):
@@ -109,11 +109,13 @@ class CLIPEncoderLayer(nn.Module):
   act: str
   eps: float
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
     ln = lambda name: layers.layer_norm(self.eps, dtype=self.dtype, name=name)
-    x = x + CLIPAttention(self.hidden, self.heads, self.dtype, name="self_attn")(ln("layer_norm1")(x), causal)
+    x = x + CLIPAttention(self.hidden, self.heads, self.dtype, self.attention_impl, name="self_attn")(
+        ln("layer_norm1")(x), causal)
     return x + CLIPMLP(self.hidden, self.intermediate, self.act, self.dtype, name="mlp")(ln("layer_norm2")(x))
 
 
@@ -125,6 +127,7 @@ class CLIPEncoder(nn.Module):
   act: str
   eps: float
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, causal: bool = False) -> tuple[jax.Array, ...]:
@@ -132,7 +135,7 @@ class CLIPEncoder(nn.Module):
     states = [x]
     for i in range(self.num_layers):
       x = CLIPEncoderLayer(self.hidden, self.intermediate, self.heads, self.act, self.eps, self.dtype,
-                           name=f"layers_{i}")(x, causal)
+                           self.attention_impl, name=f"layers_{i}")(x, causal)
       states.append(x)
     return tuple(states)
 
@@ -172,6 +175,7 @@ class CLIPTextTransformer(nn.Module):
   """(input_ids (B, 77), optional words (B, K, C) at index (B,)) -> last_hidden_state (B, 77, C), pooled (B, C)."""
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, words: jax.Array | None = None,
@@ -179,7 +183,8 @@ class CLIPTextTransformer(nn.Module):
     cfg = self.config
     x = CLIPTextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids, words, index)
     x = CLIPEncoder(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers,
-                    cfg.hidden_act, cfg.layer_norm_eps, self.dtype, name="encoder")(x, causal=True)[-1]
+                    cfg.hidden_act, cfg.layer_norm_eps, self.dtype, self.attention_impl, name="encoder")(
+                        x, causal=True)[-1]
     x = layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
     if cfg.eos_token_id == 2:
       eos = jnp.argmax(input_ids, axis=-1)
@@ -187,6 +192,11 @@ class CLIPTextTransformer(nn.Module):
       eos = jnp.argmax((input_ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
     pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]
     return x, pooled
+
+  def param_shapes(self) -> Params:
+    """The parameter tree as boxed ShapeDtypeStructs (nothing is allocated)."""
+    ids = jax.ShapeDtypeStruct((1, self.config.max_position_embeddings), jnp.int32)
+    return jax.eval_shape(lambda i: self.init(jax.random.key(0), i), ids)["params"]
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -218,6 +228,7 @@ class CLIPVisionTransformer(nn.Module):
   """
   config: CLIPVisionConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, pixels: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
@@ -225,9 +236,15 @@ class CLIPVisionTransformer(nn.Module):
     x = CLIPVisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels)
     x = layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="pre_layrnorm")(x)
     states = CLIPEncoder(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers,
-                         cfg.hidden_act, cfg.layer_norm_eps, self.dtype, name="encoder")(x)
+                         cfg.hidden_act, cfg.layer_norm_eps, self.dtype, self.attention_impl, name="encoder")(x)
     pooled = layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(states[-1][:, 0])
     return states, pooled
+
+  def param_shapes(self) -> Params:
+    """The parameter tree as boxed ShapeDtypeStructs (nothing is allocated)."""
+    cfg = self.config
+    pixels = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
+    return jax.eval_shape(lambda x: self.init(jax.random.key(0), x), pixels)["params"]
 
 
 class CLIPModel(nn.Module):
@@ -236,10 +253,11 @@ class CLIPModel(nn.Module):
   vision: CLIPVisionConfig
   projection_dim: int = 512
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   def setup(self):
-    self.text_model = CLIPTextTransformer(self.text, self.dtype)
-    self.vision_model = CLIPVisionTransformer(self.vision, self.dtype)
+    self.text_model = CLIPTextTransformer(self.text, self.dtype, self.attention_impl)
+    self.vision_model = CLIPVisionTransformer(self.vision, self.dtype, self.attention_impl)
     self.text_projection = layers.dense(self.projection_dim, (EMBED, MLP), use_bias=False, dtype=self.dtype)
     self.visual_projection = layers.dense(self.projection_dim, (EMBED, MLP), use_bias=False, dtype=self.dtype)
 
@@ -251,3 +269,10 @@ class CLIPModel(nn.Module):
 
   def __call__(self, input_ids: jax.Array, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
     return self.get_text_features(input_ids), self.get_image_features(pixels)
+
+  def param_shapes(self) -> Params:
+    """The parameter tree as boxed ShapeDtypeStructs (nothing is allocated)."""
+    s, v = jax.ShapeDtypeStruct, self.vision
+    ids = s((1, self.text.max_position_embeddings), jnp.int32)
+    pixels = s((1, v.image_size, v.image_size, v.num_channels), jnp.float32)
+    return jax.eval_shape(lambda i, x: self.init(jax.random.key(0), i, x), ids, pixels)["params"]

@@ -1,4 +1,4 @@
-"""Building blocks shared by every model: layers with logical axis names, attention, resizing.
+"""Building blocks shared by every model: layers with logical axis names, activations, resizing.
 
 Parameter names follow the PyTorch modules of diffusers/transformers (``to_q``, ``ff/net_0/proj``...), so that a
 checkpoint converts by a mechanical renaming (see ``elite_jax.convert``). Every kernel carries logical axis names;
@@ -7,14 +7,14 @@ checkpoint converts by a mechanical renaming (see ``elite_jax.convert``). Every 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Dtype = Any
+from elite_jax.types import Dtype
 
 # Logical axis names used on parameters (see elite_jax/sharding.py for the rules table).
 EMBED = "embed"  # model width on the input side of a projection
@@ -94,65 +94,6 @@ def activation(name: str):
   if name not in ACTIVATIONS:
     raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
   return ACTIVATIONS[name]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Attention
-# ---------------------------------------------------------------------------------------------------------------
-
-def split_heads(x: jax.Array, heads: int) -> jax.Array:
-  """(B, L, heads*d) -> (B, L, heads, d), the layout of jax.nn.dot_product_attention."""
-  b, l, c = x.shape
-  return x.reshape(b, l, heads, c // heads)
-
-
-def merge_heads(x: jax.Array) -> jax.Array:
-  b, l, h, d = x.shape
-  return x.reshape(b, l, h * d)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None, upcast: bool = False,
-              implementation: str | None = None) -> jax.Array:
-  """softmax(q k^T / sqrt(d)) v on (B, L, H, D) tensors.
-
-  ``upcast`` computes scores and softmax in float32 whatever the input dtype (diffusers' ``upcast_attention`` and
-  ``upcast_softmax``, needed by SD 2.1 in half precision). ``implementation`` is passed to
-  jax.nn.dot_product_attention (None lets XLA choose; "cudnn" selects the fused kernel on GPU in bf16/fp16).
-  """
-  if upcast and q.dtype != jnp.float32:
-    out = attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask=mask,
-                    implementation=implementation)
-    return out.astype(q.dtype)
-  if implementation is None and mask is None and jax.default_backend() == "cpu":
-    return _cpu_attention(q, k, v)
-  if implementation == "cudnn" and (q.dtype == jnp.float32 or mask is not None):
-    implementation = None  # the cuDNN kernel takes half precision only; fall back to XLA
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
-
-
-def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 64) -> jax.Array:
-  """Attention for XLA:CPU, which runs jax.nn.dot_product_attention's composite slowly: heads-major matmuls over
-  64-query chunks (2 x 4096 tokens, 8 heads of 40: 1050 ms as (B, N, H, D) einsums, 660 ms like this; the full
-  4096 x 4096 map would also be 1 GB). GPUs and TPUs take the fused path instead. BENCHMARKS.md has the numbers."""
-  b, n, h, d = q.shape
-  qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, H, N, D)
-  scale = jnp.asarray(d ** -0.5, q.dtype)
-
-  def block(qc):
-    probs = jax.nn.softmax(jnp.matmul(qc, kt.swapaxes(-1, -2)) * scale, axis=-1)
-    return jnp.matmul(probs, vt)
-  if n <= 2 * chunk or n % chunk:
-    out = block(qt)
-  else:
-    out = jax.lax.map(block, qt.reshape(b, h, n // chunk, chunk, d).transpose(2, 0, 1, 3, 4))
-    out = out.transpose(1, 2, 0, 3, 4).reshape(b, h, n, v.shape[-1])
-  return out.transpose(0, 2, 1, 3)
-
-
-def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
-  """Scaled scores (B, H, Lq, Lk), computed as the official ELITE code does: matmul, then * d^-0.5."""
-  scale = q.shape[-1] ** -0.5
-  return jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

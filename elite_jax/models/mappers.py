@@ -9,7 +9,7 @@ state dict maps one to one. Word i reads the CLIP layer ``tapped_layers[i]`` (EL
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 from elite_jax.models import layers
 from elite_jax.models.layers import EMBED, MLP
-
-Dtype = Any
+from elite_jax.types import Dtype, Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +59,11 @@ class MapperMLP(nn.Module):
                         torch_init_fan_in=fan_in)(x)
 
 
+def _mapper_shapes(module: nn.Module) -> Params:
+  feats = [jax.ShapeDtypeStruct((1, 2, module.config.input_dim), jnp.float32)] * module.config.num_words
+  return jax.eval_shape(lambda f: module.init(jax.random.key(0), f), feats)["params"]
+
+
 def _word_mlps(module: nn.Module, i: int) -> tuple[MapperMLP, MapperMLP]:
   return (MapperMLP(module.config, module.dtype, name=f"mapping_{i}"),
           MapperMLP(module.config, module.dtype, name=f"mapping_patch_{i}"))
@@ -82,6 +86,10 @@ class GlobalMapper(nn.Module):
       words.append(cls_mlp(f[:, 0:1]) + jnp.mean(patch_mlp(f[:, 1:]), axis=1, keepdims=True))
     return jnp.concatenate(words, axis=1)
 
+  def param_shapes(self) -> Params:
+    """The MLPs' parameters as boxed ShapeDtypeStructs (nothing is allocated)."""
+    return _mapper_shapes(self)
+
 
 class LocalMapper(nn.Module):
   """features as GlobalMapper, optional token mask (B, P) -> local tokens (B, P, output_dim).
@@ -102,3 +110,7 @@ class LocalMapper(nn.Module):
     if mask is not None:
       out = out * mask[..., None].astype(out.dtype)
     return out
+
+  def param_shapes(self) -> Params:
+    """The MLPs' parameters as boxed ShapeDtypeStructs (nothing is allocated)."""
+    return _mapper_shapes(self)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,10 +17,9 @@ import jax.numpy as jnp
 
 from elite_jax.errors import InputError
 from elite_jax.models import layers
-from elite_jax.models.attention import LocalInputs, Transformer2D
+from elite_jax.models.elite_attention import LocalInputs, Transformer2D
 from elite_jax.models.layers import EMBED, MLP
-
-Dtype = Any
+from elite_jax.types import Dtype, Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,23 +81,28 @@ class UNetConfig:
         downsample_padding=cfg.get("downsample_padding", 1),
         mid_block_scale_factor=cfg.get("mid_block_scale_factor", 1.0), sample_size=cfg.get("sample_size", 64))
 
-  def cross_attention_paths(self) -> list[tuple[str, ...]]:
-    """Parameter paths of every attn2, in the official checkpoint's order (down blocks, up blocks, mid block)."""
-    paths = []
+  def cross_attention_layers(self) -> list[tuple[tuple[str, ...], int]]:
+    """Every attn2 as (parameter path, width), in the official checkpoint's order: down blocks, up blocks, mid block.
+
+    The width is the layer's query/key/value width (heads x head_dim = its block's channels); its keys and values
+    are read from ``cross_attention_dim``-wide text.
+    """
+    chans, n = self.block_out_channels, len(self.block_out_channels)
+    out = []
     for i, t in enumerate(self.down_block_types):
       if t.startswith("CrossAttn"):
         for j in range(self.layers_per_block):
           for k in range(self.transformer_layers_per_block[i]):
-            paths.append((f"down_blocks_{i}", f"attentions_{j}", f"transformer_blocks_{k}", "attn2"))
+            out.append(((f"down_blocks_{i}", f"attentions_{j}", f"transformer_blocks_{k}", "attn2"), chans[i]))
     rev_tl = tuple(reversed(self.transformer_layers_per_block))
     for i, t in enumerate(self.up_block_types):
       if t.startswith("CrossAttn"):
         for j in range(self.layers_per_block + 1):
           for k in range(rev_tl[i]):
-            paths.append((f"up_blocks_{i}", f"attentions_{j}", f"transformer_blocks_{k}", "attn2"))
+            out.append(((f"up_blocks_{i}", f"attentions_{j}", f"transformer_blocks_{k}", "attn2"), chans[n - 1 - i]))
     for k in range(self.transformer_layers_per_block[-1]):
-      paths.append(("mid_block", "attentions_0", f"transformer_blocks_{k}", "attn2"))
-    return paths
+      out.append((("mid_block", "attentions_0", f"transformer_blocks_{k}", "attn2"), chans[-1]))
+    return out
 
 
 def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, shift: float,
@@ -172,7 +175,7 @@ class UNetBlock(nn.Module):
   cross_attention: bool
   sample: bool  # add the down/upsampler
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   remat: bool = False
 
   @nn.compact
@@ -184,7 +187,7 @@ class UNetBlock(nn.Module):
                                name=f"resnets_{j}")
     attn = lambda j: Transformer2D(self.channels, self.heads, self.transformer_layers, cfg.norm_num_groups,
                                    cfg.use_linear_projection, cfg.upcast_attention, dtype=self.dtype,
-                                   implementation=self.attention_impl, remat=self.remat, name=f"attentions_{j}")
+                                   attention_impl=self.attention_impl, remat=self.remat, name=f"attentions_{j}")
     outputs = []
     if self.kind == "mid":
       x = resnet(0)(x, temb)
@@ -212,8 +215,16 @@ class UNet(nn.Module):
   """eps/v prediction: (latents NHWC, timesteps (B,), text context (B, 77, C), optional ELITE local) -> NHWC."""
   config: UNetConfig
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   remat: bool = False
+
+  def param_shapes(self) -> Params:
+    """The parameter tree as ShapeDtypeStructs boxed with their logical axis names (nothing is allocated)."""
+    cfg, s = self.config, jax.ShapeDtypeStruct
+    side = 2 ** (len(cfg.block_out_channels) - 1)  # the smallest latent every level can halve
+    inputs = (s((1, side, side, cfg.in_channels), jnp.float32), s((1,), jnp.float32),
+              s((1, 77, cfg.cross_attention_dim), jnp.float32))
+    return jax.eval_shape(lambda *a: self.init(jax.random.key(0), *a), *inputs)["params"]
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,

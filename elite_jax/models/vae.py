@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from elite_jax.errors import InputError
+from elite_jax.models import attention as kernels
 from elite_jax.models import layers
 from elite_jax.models.layers import EMBED, HEADS
 from elite_jax.models.unet import ResnetBlock2D
-
-Dtype = Any
+from elite_jax.types import Dtype, Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +48,7 @@ class VAEAttention(nn.Module):
   channels: int
   groups: int
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,7 +56,8 @@ class VAEAttention(nn.Module):
     y = layers.group_norm(self.groups, 1e-6, dtype=self.dtype, name="group_norm")(x).reshape(b, h * w, 1, c)
     proj = lambda name: layers.dense(c, (EMBED, HEADS), dtype=self.dtype, name=name)
     q, k, v = proj("to_q")(y), proj("to_k")(y), proj("to_v")(y)
-    out = layers.attention(q, k, v, upcast=True)  # diffusers sets upcast_softmax for the VAE
+    # diffusers sets upcast_softmax for the VAE
+    out = kernels.dot_product_attention(q, k, v, upcast=True, implementation=self.attention_impl)
     out = layers.dense(c, (HEADS, EMBED), dtype=self.dtype, name="to_out_0")(out.reshape(b, h * w, c))
     return out.reshape(b, h, w, c) + x
 
@@ -66,16 +67,17 @@ class MidBlock(nn.Module):
   groups: int
   attention: bool = True
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = ResnetBlock2D(self.channels, self.groups, 1e-6, dtype=self.dtype, name="resnets_0")(x, None)
     if self.attention:
-      x = VAEAttention(self.channels, self.groups, self.dtype, name="attentions_0")(x)
+      x = VAEAttention(self.channels, self.groups, self.dtype, self.attention_impl, name="attentions_0")(x)
     return ResnetBlock2D(self.channels, self.groups, 1e-6, dtype=self.dtype, name="resnets_1")(x, None)
 
 
-class Sampler(nn.Module):
+class Resample(nn.Module):
   """downsamplers_0 (pad right/bottom by one, 3x3 stride-2 valid conv) or upsamplers_0 (nearest 2x, 3x3 conv)."""
   channels: int
   down: bool
@@ -104,13 +106,14 @@ class EncoderDecoderBlock(nn.Module):
       x = ResnetBlock2D(self.channels, self.groups, 1e-6, dtype=self.dtype, name=f"resnets_{j}")(x, None)
     if self.sample:
       name = "downsamplers_0" if self.down else "upsamplers_0"
-      x = Sampler(self.channels, self.down, self.dtype, name=name)(x)
+      x = Resample(self.channels, self.down, self.dtype, name=name)(x)
     return x
 
 
 class Encoder(nn.Module):
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -120,7 +123,8 @@ class Encoder(nn.Module):
     for i, c in enumerate(chans):
       x = EncoderDecoderBlock(c, cfg.layers_per_block, cfg.norm_num_groups, True, i < len(chans) - 1, self.dtype,
                               name=f"down_blocks_{i}")(x)
-    x = MidBlock(chans[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, self.dtype, name="mid_block")(x)
+    x = MidBlock(chans[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, self.dtype, self.attention_impl,
+                 name="mid_block")(x)
     x = nn.silu(layers.group_norm(cfg.norm_num_groups, 1e-6, dtype=self.dtype, name="conv_norm_out")(x))
     return layers.conv(2 * cfg.latent_channels, dtype=self.dtype, name="conv_out")(x)
 
@@ -128,13 +132,15 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     cfg = self.config
     chans = cfg.block_out_channels[::-1]
     x = layers.conv(chans[0], dtype=self.dtype, name="conv_in")(z)
-    x = MidBlock(chans[0], cfg.norm_num_groups, cfg.mid_block_add_attention, self.dtype, name="mid_block")(x)
+    x = MidBlock(chans[0], cfg.norm_num_groups, cfg.mid_block_add_attention, self.dtype, self.attention_impl,
+                 name="mid_block")(x)
     for i, c in enumerate(chans):
       x = EncoderDecoderBlock(c, cfg.layers_per_block + 1, cfg.norm_num_groups, False, i < len(chans) - 1,
                               self.dtype, name=f"up_blocks_{i}")(x)
@@ -149,11 +155,12 @@ class AutoencoderKL(nn.Module):
   """
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   def setup(self):
     cfg = self.config
-    self.encoder = Encoder(cfg, self.dtype)
-    self.decoder = Decoder(cfg, self.dtype)
+    self.encoder = Encoder(cfg, self.dtype, self.attention_impl)
+    self.decoder = Decoder(cfg, self.dtype, self.attention_impl)
     if cfg.use_quant_conv:
       self.quant_conv = layers.conv(2 * cfg.latent_channels, 1, dtype=self.dtype)
     if cfg.use_post_quant_conv:
@@ -175,6 +182,17 @@ class AutoencoderKL(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     mean, _ = self.encode(images)
     return self.decode(mean)
+
+  @property
+  def scale_factor(self) -> int:
+    """Image pixels per latent pixel along a side (8 for SD's four levels)."""
+    return 2 ** (len(self.config.block_out_channels) - 1)
+
+  def param_shapes(self) -> Params:
+    """The parameter tree as boxed ShapeDtypeStructs (nothing is allocated)."""
+    side = 2 ** len(self.config.block_out_channels)
+    x = jax.ShapeDtypeStruct((1, side, side, self.config.in_channels), jnp.float32)
+    return jax.eval_shape(lambda a: self.init(jax.random.key(0), a), x)["params"]
 
 
 def sample_latents(mean: jax.Array, logvar: jax.Array, rng: jax.Array, config: VAEConfig) -> jax.Array:

@@ -11,17 +11,16 @@ and ``ViTModel(...).last_hidden_state[:, 0]``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from elite_jax.errors import InputError
+from elite_jax.models import attention as kernels
 from elite_jax.models import layers
 from elite_jax.models.layers import EMBED, HEADS, MLP
-
-Dtype = Any
+from elite_jax.types import Dtype, Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,23 +57,25 @@ class ViTConfig:
 class ViTSelfAttention(nn.Module):
   config: ViTConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     proj = lambda name: layers.dense(cfg.hidden_size, (EMBED, HEADS), use_bias=cfg.qkv_bias, dtype=self.dtype,
                                      name=name)
-    q, k, v = (layers.split_heads(proj(n)(x), cfg.num_attention_heads) for n in ("query", "key", "value"))
-    return layers.merge_heads(layers.attention(q, k, v))
+    q, k, v = (kernels.split_heads(proj(n)(x), cfg.num_attention_heads) for n in ("query", "key", "value"))
+    return kernels.merge_heads(kernels.dot_product_attention(q, k, v, implementation=self.attention_impl))
 
 
 class ViTAttention(nn.Module):
   config: ViTConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = ViTSelfAttention(self.config, self.dtype, name="attention")(x)
+    h = ViTSelfAttention(self.config, self.dtype, self.attention_impl, name="attention")(x)
     # transformers nests the output projection as attention.output.dense
     return _Dense(self.config.hidden_size, (HEADS, EMBED), self.dtype, name="output")(h)
 
@@ -93,12 +94,13 @@ class _Dense(nn.Module):
 class ViTLayer(nn.Module):
   config: ViTConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     ln = lambda name: layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name=name)
-    x = x + ViTAttention(cfg, self.dtype, name="attention")(ln("layernorm_before")(x))
+    x = x + ViTAttention(cfg, self.dtype, self.attention_impl, name="attention")(ln("layernorm_before")(x))
     h = _Dense(cfg.intermediate_size, (EMBED, MLP), self.dtype, name="intermediate")(ln("layernorm_after")(x))
     return x + _Dense(cfg.hidden_size, (MLP, EMBED), self.dtype, name="output")(layers.activation(cfg.hidden_act)(h))
 
@@ -106,11 +108,12 @@ class ViTLayer(nn.Module):
 class ViTEncoder(nn.Module):
   config: ViTConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.config.num_hidden_layers):
-      x = ViTLayer(self.config, self.dtype, name=f"layer_{i}")(x)
+      x = ViTLayer(self.config, self.dtype, self.attention_impl, name=f"layer_{i}")(x)
     return x
 
 
@@ -154,14 +157,21 @@ class ViTModel(nn.Module):
   """pixels NHWC (B, S, S, C), normalised -> last_hidden_state (B, 1 + patches, hidden), final layer norm applied."""
   config: ViTConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, pixels: jax.Array) -> jax.Array:
     cfg = self.config
     x = ViTEmbeddings(cfg, self.dtype, name="embeddings")(pixels)
-    x = ViTEncoder(cfg, self.dtype, name="encoder")(x)
+    x = ViTEncoder(cfg, self.dtype, self.attention_impl, name="encoder")(x)
     return layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="layernorm")(x)
 
   def cls_features(self, pixels: jax.Array) -> jax.Array:
     """(B, hidden): the layer-normed CLS token, DINO's image feature."""
     return self(pixels)[:, 0]
+
+  def param_shapes(self) -> Params:
+    """The parameter tree as boxed ShapeDtypeStructs (nothing is allocated)."""
+    cfg = self.config
+    pixels = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
+    return jax.eval_shape(lambda x: self.init(jax.random.key(0), x), pixels)["params"]
