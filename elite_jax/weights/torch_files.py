@@ -97,7 +97,7 @@ def save_torch_state_dict(state: Mapping[str, Any], path: str | os.PathLike) -> 
   next to ``path`` and renamed, so a crash never leaves a half-written checkpoint.
   """
   try:
-    import torch
+    import torch  # noqa: PLC0415 - torch is optional: only this writer needs it
   except ImportError:
     raise InputError("exporting to .pt needs torch: pip install torch") from None
   tensors = collections.OrderedDict()

@@ -1,4 +1,4 @@
-"""elite_jax.torch_io against real torch.save / safetensors files: values, dtypes, views, refusals."""
+"""elite_jax.weights.torch_files against real torch.save / safetensors files: values, dtypes, views, refusals."""
 
 import collections
 import io
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from elite_jax.errors import InputError
-from elite_jax.torch_io import load_state_dict, save_torch_state_dict
+from elite_jax.weights.torch_files import load_state_dict, save_torch_state_dict
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
