@@ -14,7 +14,6 @@ which is what the official code (one image per call) computes.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from typing import Any, Sequence
@@ -22,59 +21,39 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from elite_jax import elite, preprocess, schedulers, text, weights
+from elite_jax import concept as concept_lib, preprocess, schedulers, text, tiny
+from elite_jax.concept import Concept, MapperBundle
 from elite_jax.errors import InputError
-from elite_jax.models.attention import LocalInputs
-from elite_jax.models.clip import CLIPTextTransformer, CLIPVisionTransformer
-from elite_jax.models.mappers import MapperConfig
-from elite_jax.models.unet import UNet
+from elite_jax.models.elite_attention import LocalInputs
 from elite_jax.models.vae import AutoencoderKL
-
-Params = dict[str, Any]
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-WORDS = ("primary", "all")
-
-
-@dataclasses.dataclass(frozen=True)
-class Concept:
-  """One encoded concept, reusable across prompts: all mapper words (w0 first) and the masked local tokens."""
-  words: jax.Array  # (1, num_words, text_dim)
-  local: jax.Array | None  # (1, patches, text_dim), zero outside the mask; None without a local mapper
-
-
-@dataclasses.dataclass(frozen=True)
-class MapperBundle:
-  config: MapperConfig
-  params: Params  # the MLPs
-  kv: Params  # attn2 K/V copies in the UNet tree layout
-
-
-def _load_dtype(dtype: str | Any) -> Any:
-  if isinstance(dtype, str):
-    if dtype not in DTYPES:
-      raise InputError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
-    return DTYPES[dtype]
-  return dtype
+from elite_jax.options import GenerationOptions
+from elite_jax.stable_diffusion import StableDiffusion
+from elite_jax.types import Params, cast_floating, dtype_name
+from elite_jax.weights.mapper_files import load_mapper
 
 
 class ElitePipeline:
-  """Frozen Stable Diffusion + CLIP image encoder + ELITE mappers, as parameter trees and Flax modules."""
+  """Frozen Stable Diffusion + CLIP image encoder + ELITE mappers, placed on the default device in the modules'
+  dtype (``sd.configure(dtype=...)``)."""
 
-  def __init__(self, *, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextTransformer,
-               image_encoder: CLIPVisionTransformer, tokenizer, scheduler_config: dict, params: Params,
-               global_mapper: MapperBundle, local_mapper: MapperBundle | None = None, placeholder: str = "S"):
-    self.unet, self.vae, self.text_encoder, self.image_encoder = unet, vae, text_encoder, image_encoder
-    self.tokenizer = tokenizer
-    self.schedule = schedulers.NoiseSchedule.from_config(scheduler_config)
-    self.global_mapper, self.local_mapper = global_mapper, local_mapper
-    self.placeholder = placeholder
-    self.dtype = unet.dtype
-    self._check_sizes()
-    kv = global_mapper.kv if local_mapper is None else elite.merge_kv(global_mapper.kv, local_mapper.kv)
-    self.params = dict(params, unet=elite.merge_kv(params["unet"], kv), global_mapper=global_mapper.params)
+  def __init__(self, sd: StableDiffusion, global_mapper: MapperBundle, local_mapper: MapperBundle | None = None):
+    sd.check()
+    for m in (global_mapper, local_mapper):
+      if m is not None:
+        concept_lib.check_fits(m, sd.image_encoder, sd.text_dim)
+    self.sd = sd
+    self.global_mapper, self.local_mapper = global_mapper.cast(sd.dtype), None
+    kv = [self.global_mapper.kv]
     if local_mapper is not None:
-      self.params["local_mapper"] = local_mapper.params
+      self.local_mapper = local_mapper.cast(sd.dtype)
+      kv.append(self.local_mapper.kv)
+    params = cast_floating(sd.params, sd.dtype)
+    params = dict(params, unet=concept_lib.merge_kv(params["unet"], *kv), global_mapper=self.global_mapper.mlp)
+    if self.local_mapper is not None:
+      params["local_mapper"] = self.local_mapper.mlp
+    self.params = jax.device_put(params)
     self._compiled: dict = {}
     self._bar = None  # the progress bar the jitted loop's host callback advances
 
@@ -83,56 +62,38 @@ class ElitePipeline:
   def from_pretrained(cls, pretrained: str | os.PathLike = "CompVis/stable-diffusion-v1-4", *,
                       image_encoder: str | os.PathLike = "openai/clip-vit-large-patch14",
                       global_mapper: str | os.PathLike, local_mapper: str | os.PathLike | None = None,
-                      dtype: str | Any = "float32", attention_impl: str | None = None,
-                      placeholder: str = "S") -> "ElitePipeline":
+                      dtype: str = "float32", attention_impl: str = "auto") -> ElitePipeline:
     """Stable Diffusion from a diffusers folder or hub id, the CLIP image encoder, official or our mapper files."""
-    dtype = _load_dtype(dtype)
-    sd = weights.resolve(pretrained, subfolders=weights.SD_COMPONENTS)
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-      if not (sd / sub).is_dir():
-        raise InputError(f"{sd} is not a diffusers Stable Diffusion folder: no {sub}/ subfolder")
-    unet, unet_p = weights.load_unet(sd / "unet", dtype, attention_impl=attention_impl)
-    vae, vae_p = weights.load_vae(sd / "vae", dtype)
-    text_enc, text_p = weights.load_text_encoder(sd / "text_encoder", dtype)
-    image_enc, image_p = weights.load_image_encoder(weights.resolve(image_encoder), dtype)
-    gcfg, gw = weights.load_mapper(global_mapper, unet.config, local=False)
-    g = MapperBundle(gcfg, gw["mapper"], gw["kv"])
-    l = None
-    if local_mapper is not None:
-      lcfg, lw = weights.load_mapper(local_mapper, unet.config, local=True)
-      l = MapperBundle(lcfg, lw["mapper"], lw["kv"])
-    params = {"unet": unet_p, "vae": vae_p, "text_encoder": text_p, "image_encoder": image_p}
-    params = weights.to_dtype(params, dtype)
-    g = dataclasses.replace(g, params=weights.to_dtype(g.params, dtype), kv=weights.to_dtype(g.kv, dtype))
-    if l is not None:
-      l = dataclasses.replace(l, params=weights.to_dtype(l.params, dtype), kv=weights.to_dtype(l.kv, dtype))
-    return cls(unet=unet, vae=vae, text_encoder=text_enc, image_encoder=image_enc,
-               tokenizer=weights.load_tokenizer(sd / "tokenizer"),
-               scheduler_config=weights.read_json(sd / "scheduler" / "scheduler_config.json"), params=params,
-               global_mapper=g, local_mapper=l, placeholder=placeholder)
+    if not global_mapper:
+      raise InputError("a global mapper is required (the official global_mapper.pt or an elite-jax export)")
+    sd = StableDiffusion.load(pretrained, image_encoder, dtype=dtype, attention_impl=attention_impl)
+    return cls(sd, *_mappers(sd, global_mapper, local_mapper))
 
-  def _check_sizes(self) -> None:
-    text_dim = self.text_encoder.config.hidden_size
-    vis = self.image_encoder.config
-    if self.unet.config.cross_attention_dim != text_dim:
-      raise InputError(f"the UNet attends to {self.unet.config.cross_attention_dim}-d text but the text encoder is "
-                       f"{text_dim}-d")
-    for name, m in (("global", self.global_mapper), ("local", self.local_mapper)):
-      if m is None:
-        continue
-      c = m.config
-      if c.input_dim != vis.hidden_size:
-        raise InputError(f"the {name} mapper reads {c.input_dim}-d image features but the image encoder is "
-                         f"{vis.hidden_size}-d")
-      if c.output_dim != text_dim:
-        raise InputError(f"the {name} mapper makes {c.output_dim}-d words but the text encoder is {text_dim}-d")
-      if max(c.tapped_layers) > vis.num_hidden_layers:
-        raise InputError(f"the {name} mapper reads layer {max(c.tapped_layers)} of an image encoder with "
-                         f"{vis.num_hidden_layers} layers")
+  @classmethod
+  def from_random(cls, size: str = "tiny", *, seed: int = 0, dtype: str = "float32", attention_impl: str = "auto",
+                  global_mapper: str | os.PathLike | None = None,
+                  local_mapper: str | os.PathLike | None = None) -> ElitePipeline:
+    """RANDOM WEIGHTS (images are noise): tiny models (``elite_jax.tiny``) with a local mapper, or ``size="sd14"``
+    for the real shapes. Mapper files (e.g. trained with configs/tiny_stage*.py, which train on the same models for
+    the same seed) replace the random mappers."""
+    sd, g, l = tiny.stable_diffusion_and_mappers(seed, size)
+    sd = sd.configure(dtype=dtype, attention_impl=attention_impl)
+    g_file, l_file = _mappers(sd, global_mapper, local_mapper)
+    return cls(sd, g_file if global_mapper else g, l_file if local_mapper else l)
 
   @property
-  def vae_scale_factor(self) -> int:
-    return 2 ** (len(self.vae.config.block_out_channels) - 1)
+  def dtype(self) -> str:
+    return dtype_name(self.sd.dtype)
+
+  def options(self, options: GenerationOptions | None = None, **changes: Any) -> GenerationOptions:
+    """``options`` (default: the defaults, in this pipeline's dtype) with ``changes``, validated."""
+    opts = (options or GenerationOptions(dtype=self.dtype)).replace(**changes).validate()
+    if opts.dtype != self.dtype:
+      raise InputError(f"this pipeline runs in {self.dtype}; load it with dtype={opts.dtype!r} for {opts.dtype}")
+    f = self.sd.vae_scale_factor
+    if opts.height % f or opts.width % f:
+      raise InputError(f"height and width must be multiples of {f} (the VAE's factor), got {opts.height}x{opts.width}")
+    return opts
 
   # ---------------------------------------------------------------------------------------------------------------
   def encode_concept(self, image: str | os.PathLike | np.ndarray, mask: str | os.PathLike | np.ndarray | None = None,
@@ -156,77 +117,60 @@ class ElitePipeline:
     return Concept(words, local)
 
   def _encode(self, params: Params, pixels: jax.Array, obj) -> tuple[jax.Array, jax.Array | None]:
-    g = self.global_mapper.config
-    feats = elite.image_features(self.image_encoder, params["image_encoder"], pixels, g.tapped_layers)
-    words = elite.global_words(g, params["global_mapper"], feats, self.dtype)
+    g, enc, dt = self.global_mapper, self.sd.image_encoder, self.sd.dtype
+    feats = concept_lib.image_features(enc, params["image_encoder"], pixels, g.config.tapped_layers)
+    words = concept_lib.global_words(g.replace(mlp=params["global_mapper"]), feats, dt)
     local = None
     if obj is not None:
-      l = self.local_mapper.config
-      feats = elite.image_features(self.image_encoder, params["image_encoder"], obj[0], l.tapped_layers)
-      local = elite.local_tokens(l, params["local_mapper"], feats, obj[1], self.dtype)
+      l = self.local_mapper
+      feats = concept_lib.image_features(enc, params["image_encoder"], obj[0], l.config.tapped_layers)
+      local = concept_lib.local_tokens(l.replace(mlp=params["local_mapper"]), feats, obj[1], dt)
     return words, local
 
-  def prompt_indices(self, prompts: Sequence[str], words: str = "primary", mode: str = "whitespace") -> list[int]:
+  def prompt_indices(self, prompts: Sequence[str], options: GenerationOptions | None = None) -> list[int]:
     """Where the concept goes in each prompt; InputError for a prompt without the placeholder or too long."""
-    if words not in WORDS:
-      raise InputError(f"words must be one of {WORDS}, got {words!r}")
-    k = 1 if words == "primary" else self.global_mapper.config.num_words
-    return [text.placeholder_index(self.tokenizer, p, self.placeholder, k, mode) for p in prompts]
+    opts = self.options(options)
+    k = opts.words_injected(self.global_mapper.config.num_words)
+    return [text.placeholder_index(self.sd.tokenizer, p, opts.placeholder, k, opts.placeholder_index)
+            for p in prompts]
 
   # ---------------------------------------------------------------------------------------------------------------
-  def generate(self, concept: Concept, prompts: str | Sequence[str], *, num_images: int = 1, scheduler: str = "lms",
-               steps: int = 100, guidance: float = 5.0, lam: float = 0.8, seed: int = 0,
-               init_latents: np.ndarray | None = None, height: int = 512, width: int = 512,
-               words: str = "primary", placeholder_index: str = "whitespace", batch_size: int | None = None,
-               progress: bool = True) -> np.ndarray:
+  def generate(self, concept: Concept, prompts: str | Sequence[str], options: GenerationOptions | None = None, *,
+               progress: bool = True, **changes: Any) -> np.ndarray:
     """Images (len(prompts) * num_images, H, W, 3) uint8, prompt-major.
 
-    ``init_latents``: standard-normal (N, 4, H/8, W/8) in diffusers' NCHW layout (scaled by the scheduler's initial
-    sigma here, as diffusers does), for runs comparable with PyTorch; otherwise drawn from ``seed`` with JAX's PRNG.
-    ``lam`` weighs the local branch (0 turns it off); ``words`` "primary" injects w0 only (the paper's choice),
-    "all" every mapper word.
+    ``options`` (``GenerationOptions``; default the official settings in this pipeline's dtype) with ``changes``
+    applied, e.g. ``generate(concept, prompts, steps=50, scheduler="ddim")``.
     """
+    opts = self.options(options, **changes)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
       raise InputError("no prompt given")
-    if words not in WORDS:
-      raise InputError(f"words must be one of {WORDS}, got {words!r}")
-    if not 0.0 <= lam <= 2.0:
-      raise InputError(f"lambda must be in [0, 2], got {lam}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-      raise InputError(f"steps must be an integer >= 1, got {steps!r}")
-    if num_images < 1:
-      raise InputError(f"num_images must be >= 1, got {num_images}")
-    f = self.vae_scale_factor
-    if height % f or width % f or height < 8 * f or width < 8 * f:
-      raise InputError(f"height and width must be multiples of {f} and at least {8 * f}, got {height}x{width}")
-    if guidance < 0:
-      raise InputError(f"guidance must be >= 0, got {guidance}")
-    sampler = schedulers.make_sampler(scheduler, self.schedule, int(steps))
-
-    k = 1 if words == "primary" else concept.words.shape[1]
-    index = self.prompt_indices(prompts, words, placeholder_index)
-    ids = text.tokenize(self.tokenizer, prompts)
-    n = len(prompts) * num_images
-    ids, index = np.repeat(ids, num_images, 0), np.repeat(np.asarray(index, np.int32), num_images)
-    latent_shape = (n, height // f, width // f, self.unet.config.in_channels)
-    if init_latents is not None:
-      init = np.asarray(init_latents, np.float32)
-      want = (n, latent_shape[3], latent_shape[1], latent_shape[2])
-      if init.shape != want:
-        raise InputError(f"init latents have shape {init.shape}; expected {want} (N, C, H/{f}, W/{f}) for {n} images")
-      init = jnp.asarray(init.transpose(0, 2, 3, 1))
+    sampler = schedulers.make_sampler(opts.scheduler, self.sd.schedule, int(opts.steps))
+    k = opts.words_injected(concept.words.shape[1])
+    index = self.prompt_indices(prompts, opts)
+    ids = text.tokenize(self.sd.tokenizer, prompts)
+    n = len(prompts) * opts.num_images
+    ids, index = np.repeat(ids, opts.num_images, 0), np.repeat(np.asarray(index, np.int32), opts.num_images)
+    f = self.sd.vae_scale_factor
+    latent_shape = (n, opts.height // f, opts.width // f, self.sd.unet.config.in_channels)
+    if opts.init_latents is not None:
+      init = np.asarray(opts.init_latents, np.float32)
+      if init.shape != latent_shape:
+        raise InputError(f"init latents have shape {init.shape}; expected {latent_shape} (N, H/{f}, W/{f}, C) for {n} "
+                         f"images")
+      init = jnp.asarray(init)
     else:
-      init = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32)
+      init = jax.random.normal(jax.random.key(opts.seed), latent_shape, jnp.float32)
 
-    batch_size = batch_size or n
+    batch_size = opts.batch_size or n
     out = []
-    self._bar = _progress_bar(steps * -(-n // batch_size)) if progress else None
+    self._bar = tqdm(total=opts.steps * -(-n // batch_size), desc="denoising", unit="step") if progress else None
     try:
       for s in range(0, n, batch_size):
         sl = slice(s, s + batch_size)
-        out.append(self._denoise(concept, ids[sl], index[sl], init[sl], sampler, float(guidance), float(lam), k,
-                                 progress))
+        out.append(self._denoise(concept, ids[sl], index[sl], init[sl], sampler, float(opts.guidance),
+                                 float(opts.lam), k, progress))
     finally:
       if self._bar is not None:
         self._bar.close()
@@ -251,12 +195,13 @@ class ElitePipeline:
 
   def _denoise_fn(self, params, words, local, ids, index, init, sampler, guidance, lam, *, cfg, use_local, k,
                   progress):
+    sd = self.sd
     b = ids.shape[0]
     w = jnp.broadcast_to(words[:, :k], (b, k, words.shape[-1]))
-    context = self.text_encoder.apply({"params": params["text_encoder"]}, ids, w, index)[0]
+    context = sd.text_encoder.apply({"params": params["text_encoder"]}, ids, w, index)[0]
     if cfg:
-      uncond_ids = jnp.asarray(text.tokenize(self.tokenizer, [""]))
-      uncond = self.text_encoder.apply({"params": params["text_encoder"]}, uncond_ids)[0]
+      uncond_ids = jnp.asarray(text.tokenize(sd.tokenizer, [""]))
+      uncond = sd.text_encoder.apply({"params": params["text_encoder"]}, uncond_ids)[0]
       context = jnp.concatenate([context, jnp.broadcast_to(uncond, context.shape)], axis=0)
     local_in = None
     if use_local:
@@ -268,8 +213,8 @@ class ElitePipeline:
       xin = sampler.scale_model_input(x, i)
       if cfg:
         xin = jnp.concatenate([xin, xin], axis=0)
-      eps = self.unet.apply({"params": params["unet"]}, xin, sampler.timesteps[i], context,
-                            local_in).astype(jnp.float32)
+      eps = sd.unet.apply({"params": params["unet"]}, xin, sampler.timesteps[i], context,
+                          local_in).astype(jnp.float32)
       if cfg:
         e_c, e_u = jnp.split(eps, 2, axis=0)
         eps = e_u + guidance * (e_c - e_u)
@@ -279,12 +224,13 @@ class ElitePipeline:
 
     x = init * sampler.init_noise_sigma
     x, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x)))
-    vae_cfg = self.vae.config
+    vae_cfg = sd.vae.config
     z = x / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
-    img = self.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode).astype(jnp.float32)
+    img = sd.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode).astype(jnp.float32)
     return jnp.round(jnp.clip(img / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
 
-def _progress_bar(total: int):
-  from tqdm.auto import tqdm
-  return tqdm(total=total, desc="denoising", unit="step")
+def _mappers(sd: StableDiffusion, global_mapper, local_mapper) -> tuple[MapperBundle | None, MapperBundle | None]:
+  g = load_mapper(global_mapper, sd.unet.config, "global") if global_mapper else None
+  l = load_mapper(local_mapper, sd.unet.config, "local") if local_mapper else None
+  return g, l
