@@ -18,11 +18,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from elite_jax.errors import InputError
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")  # the batch dimension of activations and data
+# The batch dimension of data (and so of activations): the train step's inputs are placed with it and XLA's sharding
+# propagation carries it through the models, so no activation needs a constraint of its own.
+BATCH = ("data", "fsdp")
 
-# logical axis -> mesh axis (None: replicated). The single place that decides where things live.
+# logical parameter axis -> mesh axis (None: replicated). The single place that decides where parameters live.
 RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -52,7 +53,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
-def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+def _divisible_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   """Drop mesh axes from dimensions they do not divide (and from dimensions beyond the array's rank)."""
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -69,16 +70,12 @@ def logical_shardings(abstract: Any, mesh: Mesh, rules=RULES) -> Any:
   with nn.logical_axis_rules(rules):
     mesh_specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(s) if isinstance(s, P) else P(), specs,
                               is_leaf=lambda x: isinstance(x, P))
-  return jax.tree.map(lambda s, a: NamedSharding(mesh, _fit(s, a.shape, mesh)), mesh_specs, shapes,
+  return jax.tree.map(lambda s, a: NamedSharding(mesh, _divisible_spec(s, a.shape, mesh)), mesh_specs, shapes,
                       is_leaf=lambda x: isinstance(x, P))
 
 
 def replicated(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
-
-
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -87,7 +84,14 @@ def batch_shards(mesh: Mesh) -> int:
 
 
 def spec_summary(shardings: Any) -> dict[str, tuple]:
-  """{param path: PartitionSpec as a tuple of mesh axes}, for logs and the golden sharding test."""
-  from flax import traverse_util
-  flat = traverse_util.flatten_dict(shardings) if isinstance(shardings, dict) else {}
-  return {"/".join(map(str, k)): tuple(v.spec) for k, v in flat.items()}
+  """{param path: PartitionSpec as a tuple of mesh axes} of a tree of NamedShardings (dicts, bundles...), for logs
+  and the golden sharding test."""
+  flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+  return {"/".join(_key_name(k) for k in path): tuple(v.spec) for path, v in flat}
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)

@@ -7,7 +7,8 @@ augmentations, and a grain loader of per-host batches.
   batch = next(loader); state = loader.get_state()   # JSON; loader.set_state(state) resumes exactly
 
 Modules: ``records`` (what a record holds; crop and box arithmetic), ``openimages`` and ``folder`` (the builders),
-``augment`` (the official training transforms), ``loader`` (the grain pipeline).
+``augment`` (the official training transforms, and ``example_spec``: the shapes of what the loader yields),
+``loader`` (the grain pipeline).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import os
 import tensorflow_datasets as tfds
 
 from elite_jax.data import folder, openimages
+from elite_jax.data.augment import example_spec
 from elite_jax.data.loader import Loader, make_loader
 from elite_jax.errors import InputError
 
 BUILDERS = {"openimages": openimages.build, "folder": folder.build}
 
-__all__ = ["BUILDERS", "Loader", "make_loader", "prepare"]
+__all__ = ["BUILDERS", "Loader", "example_spec", "make_loader", "prepare"]
 
 
 def prepare(builder: str, source_dir: str | os.PathLike, data_dir: str | os.PathLike,

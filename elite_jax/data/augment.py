@@ -109,6 +109,22 @@ def make_prompts(tokenizer, stage: int, placeholder: str = "S", placeholder_inde
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# What a sample holds.
+
+
+def example_spec(stage: int, resolution: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{key: (shape, dtype)} of one training sample of ``stage`` (what ``stage1_example``/``stage2_example`` return;
+  the loader stacks them into batches and adds ``record``)."""
+  f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
+  spec = {"pixel_values": ((resolution, resolution, 3), f32), "pixel_values_clip": ((CLIP_SIZE, CLIP_SIZE, 3), f32),
+          "input_ids": ((text_lib.MAX_LENGTH,), i32), "index": ((), i32)}
+  if stage == 2:
+    spec.update(pixel_values_obj=((CLIP_SIZE, CLIP_SIZE, 3), f32), token_mask=((TOKEN_GRID * TOKEN_GRID,), f32),
+                mask_values=((resolution // 8, resolution // 8, 1), f32))
+  return spec
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Stage 1.
 
 
@@ -155,7 +171,7 @@ def elastic_transform(img: np.ndarray, state: np.random.RandomState, alpha: floa
                       alpha_affine: float = 50.0) -> np.ndarray:
   """albumentations 1.3.0 ``F.elastic_transform`` (approximate=False), drawing from ``state`` in its order: a random
   affine warp of three points by U(-alpha_affine, alpha_affine), then a displacement field of uniform noise smoothed
-  by a Gaussian (scipy's ``gaussian_filter``, restated by ``_gaussian_filter``). Linear, reflect-101 borders."""
+  by a Gaussian (scipy's ``gaussian_filter``, restated by ``gaussian_filter`` here). Linear, reflect-101 borders."""
   height, width = img.shape[:2]
   center = np.array((height, width), dtype=np.float32) // 2
   size = min((height, width)) // 3
@@ -163,14 +179,14 @@ def elastic_transform(img: np.ndarray, state: np.random.RandomState, alpha: floa
   pts2 = pts1 + state.uniform(-alpha_affine, alpha_affine, size=pts1.shape).astype(np.float32)
   matrix = cv2.getAffineTransform(pts1, pts2)
   img = cv2.warpAffine(img, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-  dx = np.float32(_gaussian_filter(state.rand(height, width) * 2 - 1, sigma) * alpha)
-  dy = np.float32(_gaussian_filter(state.rand(height, width) * 2 - 1, sigma) * alpha)
+  dx = np.float32(gaussian_filter(state.rand(height, width) * 2 - 1, sigma) * alpha)
+  dy = np.float32(gaussian_filter(state.rand(height, width) * 2 - 1, sigma) * alpha)
   x, y = np.meshgrid(np.arange(width), np.arange(height))
   map_x, map_y = np.float32(x + dx), np.float32(y + dy)
   return cv2.remap(img, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
 
 
-def _gaussian_filter(x: np.ndarray, sigma: float) -> np.ndarray:
+def gaussian_filter(x: np.ndarray, sigma: float) -> np.ndarray:
   """``scipy.ndimage.gaussian_filter(x, sigma)`` of a 2-D float64 array (truncate 4, mode 'reflect'), as two matrix
   products (scipy is not a dependency)."""
   return _gaussian_matrix(x.shape[0], sigma) @ x @ _gaussian_matrix(x.shape[1], sigma).T

@@ -29,6 +29,7 @@ import logging
 import os
 
 import grain
+from absl import flags
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -253,6 +254,5 @@ def _builder(dataset: tfds.core.DatasetBuilder | str, data_dir: str | os.PathLik
 
 def _absl_flags_parsed() -> None:
   # grain's worker processes read absl flags, which are unparsed outside absl.app.run (e.g. under pytest).
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from elite_jax.errors import InputError
@@ -42,7 +41,10 @@ class Checkpointer:
                                                            config=ocp.args.JsonSave(config)), force=force)
 
   def restore(self, step: int, abstract_state: Any, config: dict) -> tuple[Any, dict]:
-    """(state placed as ``abstract_state``'s shardings, data-iterator state); InputError if from another run."""
+    """(state placed as ``abstract_state``'s shardings, data-iterator state); InputError if from another run.
+
+    ``abstract_state``: ShapeDtypeStructs with shardings (``TrainProgram.abstract_state``).
+    """
     saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     diffs = [f"{k}: checkpoint {_get(saved, k)!r} vs config {_get(config, k)!r}" for k in IDENTITY
              if _get(saved, k) != _get(config, k)]
@@ -62,7 +64,3 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.close()
 
-
-def abstract_like(shardings: Any, shapes: Any) -> Any:
-  """ShapeDtypeStructs carrying shardings: Orbax's restore target."""
-  return jax.tree.map(lambda sh, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shardings, shapes)

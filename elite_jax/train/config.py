@@ -9,9 +9,10 @@ from __future__ import annotations
 import ml_collections
 
 from elite_jax.errors import InputError
+from elite_jax.models.attention import IMPLEMENTATIONS
+from elite_jax.types import DTYPES
 
 STAGES = (1, 2)
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -55,7 +56,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.frozen_dtype = "float32"  # the official recipe is float32 throughout; bfloat16 halves frozen memory
   c.compute_dtype = "float32"
   c.remat = False
-  c.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None (XLA) or "cudnn"
+  c.attention_impl = "auto"  # the attention kernel (elite_jax/models/attention.py): auto, xla, cudnn, cpu, pallas
   c.multihost = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
 
   # Checkpoints and logs.
@@ -104,9 +105,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.data.resolution >= 64 and c.data.resolution % 64 == 0, "data.resolution", "must be a multiple of 64")
   need(c.data.placeholder_index in ("whitespace", "token"), "data.placeholder_index", "'whitespace' or 'token'")
   need(c.data.workers >= 0, "data.workers", "must be >= 0")
-  need(c.frozen_dtype in DTYPES, "frozen_dtype", f"one of {DTYPES}")
-  need(c.compute_dtype in DTYPES, "compute_dtype", f"one of {DTYPES}")
-  need(c.attention_impl in (None, "cudnn"), "attention_impl", "None or 'cudnn'")
+  need(c.frozen_dtype in DTYPES, "frozen_dtype", f"one of {tuple(DTYPES)}")
+  need(c.compute_dtype in DTYPES, "compute_dtype", f"one of {tuple(DTYPES)}")
+  need(c.attention_impl in IMPLEMENTATIONS, "attention_impl", f"one of {IMPLEMENTATIONS}")
   need(c.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
   need(c.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
   need(c.log_every >= 1, "log_every", "must be >= 1")

@@ -11,33 +11,26 @@ the samples of each device's micro-batch (``max_over_device_batch``).
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
-from elite_jax import elite
-from elite_jax.models.attention import LocalInputs
-from elite_jax.models.mappers import GlobalMapper
+from elite_jax import concept
+from elite_jax.concept import MapperBundle
+from elite_jax.models.elite_attention import LocalInputs
 from elite_jax.models.vae import AutoencoderKL, sample_latents
-from elite_jax.train.models import Models
-
-Params = dict[str, Any]
-
-
-def _cast(tree: Params, dtype) -> Params:
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+from elite_jax.stable_diffusion import StableDiffusion
+from elite_jax.types import Params, cast_floating
 
 
-def _noisy_latents(models: Models, frozen: Params, images: jax.Array, rng: jax.Array):
+def noisy_latents(sd: StableDiffusion, frozen: Params, images: jax.Array, rng: jax.Array):
   """z0 = VAE sample * scaling (not the mode, as the official code); z_t, target and t for a random timestep."""
   k_z, k_eps, k_t = jax.random.split(rng, 3)
-  mean, logvar = models.vae.apply({"params": frozen["vae"]}, images, method=AutoencoderKL.encode)
-  z0 = jax.lax.stop_gradient(sample_latents(mean, logvar, k_z, models.vae.config))
+  mean, logvar = sd.vae.apply({"params": frozen["vae"]}, images, method=AutoencoderKL.encode)
+  z0 = jax.lax.stop_gradient(sample_latents(mean, logvar, k_z, sd.vae.config))
   noise = jax.random.normal(k_eps, z0.shape, jnp.float32)
-  t = jax.random.randint(k_t, (z0.shape[0],), 0, models.schedule.num_train_timesteps)
-  zt = models.schedule.add_noise(z0, noise, t)
-  return zt, models.schedule.training_target(z0, noise, t), t
+  t = jax.random.randint(k_t, (z0.shape[0],), 0, sd.schedule.num_train_timesteps)
+  zt = sd.schedule.add_noise(z0, noise, t)
+  return zt, sd.schedule.training_target(z0, noise, t), t
 
 
 def stage1_objective(pred: jax.Array, target: jax.Array, words: jax.Array, reg_weight: float):
@@ -64,40 +57,37 @@ def stage2_objective(pred: jax.Array, target: jax.Array, mask: jax.Array, value_
   return mle + reg_weight * reg, {"loss_mle": mle, "loss_reg": reg}
 
 
-def stage1_loss(trainable: Params, frozen: Params, batch: dict, rng: jax.Array, models: Models, *,
+def stage1_loss(trainable: MapperBundle, frozen: Params, batch: dict, rng: jax.Array, *, sd: StableDiffusion,
                 reg_weight: float, **_) -> tuple[jax.Array, dict]:
-  dtype = models.unet.dtype
-  m = models.mapper
-  feats = elite.image_features(models.image_encoder, frozen["image_encoder"], batch["pixel_values_clip"],
-                               m.tapped_layers)
-  words = GlobalMapper(m, dtype).apply({"params": _cast(trainable["mapper"], dtype)}, feats)  # (B, K, C)
-  context = models.text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"], words,
-                                      batch["index"])[0]
-  zt, target, t = _noisy_latents(models, frozen, batch["pixel_values"], rng)
-  unet_params = elite.merge_kv(frozen["unet"], _cast(trainable["kv"], dtype))
-  pred = models.unet.apply({"params": unet_params}, zt, t, context)
+  dtype = sd.dtype
+  trainable = cast_floating(trainable, dtype)
+  feats = concept.image_features(sd.image_encoder, frozen["image_encoder"], batch["pixel_values_clip"],
+                                 trainable.config.tapped_layers)
+  words = concept.global_words(trainable, feats, dtype)  # (B, K, C)
+  context = sd.text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"], words, batch["index"])[0]
+  zt, target, t = noisy_latents(sd, frozen, batch["pixel_values"], rng)
+  pred = sd.unet.apply({"params": concept.merge_kv(frozen["unet"], trainable.kv)}, zt, t, context)
   return stage1_objective(pred, target, words, reg_weight)
 
 
-def stage2_loss(trainable: Params, frozen: Params, batch: dict, rng: jax.Array, models: Models, *,
+def stage2_loss(trainable: MapperBundle, frozen: Params, batch: dict, rng: jax.Array, *, sd: StableDiffusion,
                 reg_weight: float, max_group: int, sum_channels: bool, **_) -> tuple[jax.Array, dict]:
-  dtype = models.unet.dtype
-  g = models.global_mapper
-  feats = elite.image_features(models.image_encoder, frozen["image_encoder"], batch["pixel_values_clip"],
-                               g.tapped_layers)
-  w0 = GlobalMapper(g, dtype).apply({"params": frozen["global_mapper"]["mapper"]}, feats)[:, :1]
-  context = models.text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"],
-                                      jax.lax.stop_gradient(w0), batch["index"])[0]
-  m = models.mapper
-  obj = elite.image_features(models.image_encoder, frozen["image_encoder"], batch["pixel_values_obj"],
-                             m.tapped_layers)
-  local = elite.local_tokens(m, _cast(trainable["mapper"], dtype), obj, batch["token_mask"], dtype)
+  dtype = sd.dtype
+  trainable = cast_floating(trainable, dtype)
+  g = frozen["global_mapper"]
+  feats = concept.image_features(sd.image_encoder, frozen["image_encoder"], batch["pixel_values_clip"],
+                                 g.config.tapped_layers)
+  w0 = concept.global_words(g, feats, dtype)[:, :1]
+  context = sd.text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"], jax.lax.stop_gradient(w0),
+                                  batch["index"])[0]
+  obj = concept.image_features(sd.image_encoder, frozen["image_encoder"], batch["pixel_values_obj"],
+                               trainable.config.tapped_layers)
+  local = concept.local_tokens(trainable, obj, batch["token_mask"], dtype)
   b = local.shape[0]
-  zt, target, t = _noisy_latents(models, frozen, batch["pixel_values"], rng)
-  unet_params = elite.merge_kv(elite.merge_kv(frozen["unet"], frozen["global_mapper"]["kv"]),
-                               _cast(trainable["kv"], dtype))
+  zt, target, t = noisy_latents(sd, frozen, batch["pixel_values"], rng)
+  unet_params = concept.merge_kv(frozen["unet"], g.kv, trainable.kv)
   inputs = LocalInputs(local, batch["index"], jnp.ones((b,), jnp.float32), max_group=max_group)
-  pred, inter = models.unet.apply({"params": unet_params}, zt, t, context, inputs, mutable=["intermediates"])
+  pred, inter = sd.unet.apply({"params": unet_params}, zt, t, context, inputs, mutable=["intermediates"])
   values = jax.tree.leaves(inter["intermediates"])  # one mean |to_v_local(e)| per cross-attention layer
   return stage2_objective(pred, target, batch["mask_values"], values, reg_weight, sum_channels)
 
