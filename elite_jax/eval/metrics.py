@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import tempfile
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -26,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from elite_jax import text
+from elite_jax import text, tiny
 from elite_jax.errors import InputError
 from elite_jax.models.clip import CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from elite_jax.models.vit import ViTConfig, ViTModel
 from elite_jax.preprocess import CLIP_MEAN, CLIP_STD
-
-Params = dict[str, Any]
+from elite_jax.types import Params
+from elite_jax.weights import pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -203,11 +201,10 @@ class MetricModels:
 def load_metric_models(clip: str = "openai/clip-vit-base-patch32", dino: str = "facebook/dino-vits16",
                        batch_size: int = 32) -> MetricModels:
   """Both metric models from local folders or hub ids, in float32; DINO with LayerNorm eps 1e-6 as torch.hub's."""
-  from elite_jax import weights
-  clip_folder = weights.resolve(clip)
-  clip_module, clip_params = weights.load_clip(clip_folder)
-  tokenizer = weights.load_tokenizer(clip_folder)
-  dino_module, dino_params = weights.load_dino(weights.resolve(dino), layer_norm_eps=DINO_LAYER_NORM_EPS)
+  clip_folder = pretrained.resolve(clip)
+  clip_module, clip_params = pretrained.load_clip(clip_folder)
+  tokenizer = pretrained.load_tokenizer(clip_folder)
+  dino_module, dino_params = pretrained.load_dino(pretrained.resolve(dino), layer_norm_eps=DINO_LAYER_NORM_EPS)
   put = lambda p: jax.tree.map(jnp.asarray, p)
   return MetricModels(clip_module, put(clip_params), tokenizer, dino_module, put(dino_params), clip_name=str(clip),
                       dino_name=str(dino), batch_size=batch_size)
@@ -215,25 +212,16 @@ def load_metric_models(clip: str = "openai/clip-vit-base-patch32", dino: str = "
 
 def random_metric_models(seed: int = 0, batch_size: int = 32) -> MetricModels:
   """RANDOM WEIGHTS: a tiny CLIP shaped like ViT-B/32 (224 px, 32 px patches, legacy EOS pooling) and a tiny DINO-like
-  ViT (224 px, 16 px patches), built in memory with the tiny tokenizer of ``random_preset``. For offline checks."""
-  from transformers import CLIPTokenizer
-
-  from elite_jax.random_preset import write_tokenizer
-  folder = Path(tempfile.mkdtemp(prefix="elite_jax_metric_tokenizer_"))
-  vocab = write_tokenizer(folder)
-  tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-  text_cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, eos_token_id=2, projection_dim=16)
+  ViT (224 px, 16 px patches), built in memory with the tiny tokenizer of ``elite_jax.tiny``. For offline checks."""
+  tokenizer = tiny.tokenizer()
+  text_cfg = CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, eos_token_id=2, projection_dim=16)
   vis_cfg = CLIPVisionConfig(image_size=224, patch_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, projection_dim=16)
   clip = CLIPModel(text_cfg, vis_cfg, projection_dim=16)
   dino = ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
-  from elite_jax.random_preset import random_params
   rng = np.random.default_rng(seed)
-  s = jax.ShapeDtypeStruct
-  clip_params = random_params(jax.eval_shape(lambda i, x: clip.init(jax.random.key(0), i, x), s((1, 77), jnp.int32),
-                                             s((1, 224, 224, 3), jnp.float32))["params"], rng)
-  dino_params = random_params(jax.eval_shape(lambda x: dino.init(jax.random.key(0), x),
-                                             s((1, 224, 224, 3), jnp.float32))["params"], rng)
+  clip_params = tiny.random_params(clip.param_shapes(), rng)
+  dino_params = tiny.random_params(dino.param_shapes(), rng)
   return MetricModels(clip, clip_params, tokenizer, dino, dino_params, clip_name="RANDOM tiny CLIP (B/32-shaped)",
                       dino_name="RANDOM tiny DINO ViT (S/16-shaped)", random=True, batch_size=batch_size)
