@@ -44,7 +44,7 @@ def built(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
   from transformers import CLIPTokenizer
-  from elite_jax.random_preset import write_tokenizer
+  from elite_jax.tiny import write_tokenizer
   path = tmp_path_factory.mktemp("tokenizer")
   write_tokenizer(path)
   return CLIPTokenizer.from_pretrained(str(path))
@@ -294,7 +294,7 @@ def test_clip_augment_ops():
   assert flipped.shape == (224, 224, 3)
   ndimage = pytest.importorskip("scipy.ndimage")  # the elastic field's smoothing, against scipy when installed
   field = np.random.RandomState(0).rand(224, 224) * 2 - 1
-  np.testing.assert_allclose(augment._gaussian_filter(field, 50.0), ndimage.gaussian_filter(field, 50.0),
+  np.testing.assert_allclose(augment.gaussian_filter(field, 50.0), ndimage.gaussian_filter(field, 50.0),
                              rtol=0, atol=1e-12)
 
 

@@ -10,24 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from elite_jax import weights
+from elite_jax.concept import merge_kv
 from elite_jax.errors import InputError
-from elite_jax.models.attention import Attention, LocalInputs
+from elite_jax.models.elite_attention import Attention, LocalInputs
 from elite_jax.models.mappers import GlobalMapper, LocalMapper, MapperConfig
 from elite_jax.models.unet import UNetConfig
+from elite_jax.weights import pretrained
+from elite_jax.weights.mapper_files import load_mapper, save_mapper
 from tests import elite_reference as ref
 from tests import tiny_models
 
 
 def _rel(a, b):
   return float(np.abs(np.asarray(a) - np.asarray(b)).max() / (np.abs(np.asarray(b)).max() + 1e-12))
-
-
-def _official_state(unet, *, input_dim, output_dim, hidden, seed, context_dim):
-  mods = tiny_models.attn2_modules(unet)
-  return tiny_models.official_mapper_state([n for n, _ in mods], [m.to_k.out_features for _, m in mods],
-                                           input_dim=input_dim, output_dim=output_dim, hidden=hidden, seed=seed,
-                                           context_dim=context_dim)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +32,7 @@ def real_size_mappers(tmp_path_factory):
   unet = tiny_models.make_unet(tiny_models.unet_config_sd1(cross_attention_dim=768), seed=0)
   out = {}
   for kind, seed in (("global", 1), ("local", 2)):
-    state = _official_state(unet, input_dim=1024, output_dim=768, hidden=1024, seed=seed, context_dim=768)
+    state = tiny_models.mapper_state_for(unet, input_dim=1024, output_dim=768, hidden=1024, seed=seed, context_dim=768)
     torch.save(state, folder / f"{kind}_mapper.pt")
     out[kind] = state
   return folder, out, UNetConfig.from_diffusers(dict(unet.config))
@@ -49,57 +44,63 @@ def test_official_mappers_load_and_match(real_size_mappers):
   feats = [rng.standard_normal((2, 257, 1024)).astype(np.float32) for _ in range(5)]
   mask = (rng.uniform(size=(2, 256)) > 0.5).astype(np.float32)
   for kind in ("global", "local"):
-    cfg, w = weights.load_mapper(folder / f"{kind}_mapper.pt", unet_cfg, local=kind == "local")
-    assert cfg == MapperConfig()  # ELITE's sizes are read off the file
+    m = load_mapper(folder / f"{kind}_mapper.pt", unet_cfg, kind)
+    cfg = m.config
+    assert cfg == MapperConfig() and m.kind == kind  # ELITE's sizes are read off the file
     tm = ref.load_mapper(states[kind], 1024, 768)
     with torch.no_grad():
       tf = [torch.from_numpy(f) for f in feats]
       want = tm.global_words(tf) if kind == "global" else tm.local_tokens(tf) * torch.from_numpy(mask)[..., None]
     if kind == "global":
-      got = GlobalMapper(cfg).apply({"params": w["mapper"]}, feats)
+      got = GlobalMapper(cfg).apply({"params": m.mlp}, feats)
       assert got.shape == (2, 5, 768)
     else:
-      got = LocalMapper(cfg).apply({"params": w["mapper"]}, feats, mask)
+      got = LocalMapper(cfg).apply({"params": m.mlp}, feats, mask)
       assert got.shape == (2, 256, 768)
       assert (np.asarray(got)[mask == 0] == 0).all()
     assert _rel(got, want.numpy()) < 1e-5
-    # the K/V copies land on every attn2, transposed
-    n = len(unet_cfg.cross_attention_paths())
-    leaves = jax.tree.leaves(w["kv"])
-    assert len(leaves) == 2 * n == len([k for k in states[kind] if "attn2" in k])
+    # the K/V copies land on every attn2, transposed, under the kind's names
+    layers = unet_cfg.cross_attention_layers()
+    assert len(jax.tree.leaves(m.kv)) == 2 * len(layers) == len([k for k in states[kind] if "attn2" in k])
+    (path, width), suffix = layers[-1], "_local" if kind == "local" else ""
+    node = m.kv
+    for p in path:
+      node = node[p]
+    key = "_".join(path) + "_to_v.weight"
+    np.testing.assert_array_equal(node["to_v" + suffix]["kernel"], states[kind][key].numpy().T)
+    assert node["to_v" + suffix]["kernel"].shape == (768, width)
 
 
 def test_export_round_trip(real_size_mappers, tmp_path):
   folder, states, unet_cfg = real_size_mappers
   for kind in ("global", "local"):
-    local = kind == "local"
-    cfg, w = weights.load_mapper(folder / f"{kind}_mapper.pt", unet_cfg, local=local)
-    weights.save_mapper(tmp_path / f"{kind}.pt", cfg, w, unet_cfg, local=local)
+    m = load_mapper(folder / f"{kind}_mapper.pt", unet_cfg, kind)
+    save_mapper(tmp_path / f"{kind}.pt", m, unet_cfg)
     back = torch.load(tmp_path / f"{kind}.pt", map_location="cpu", weights_only=True)
     assert list(back) == list(states[kind])  # the official key order
     for k in back:
       assert torch.equal(back[k], states[kind][k]), k
-    weights.save_mapper(tmp_path / f"{kind}.safetensors", cfg, w, unet_cfg, local=local)
-    cfg2, w2 = weights.load_mapper(tmp_path / f"{kind}.safetensors", unet_cfg, local=local)
-    assert cfg2 == cfg
-    jax.tree.map(np.testing.assert_array_equal, w2, w)
+    save_mapper(tmp_path / f"{kind}.safetensors", m, unet_cfg)
+    m2 = load_mapper(tmp_path / f"{kind}.safetensors", unet_cfg, kind)
+    assert (m2.config, m2.kind) == (m.config, m.kind)
+    jax.tree.map(np.testing.assert_array_equal, m2, m)
   with pytest.raises(InputError, match="is a local mapper"):
-    weights.load_mapper(tmp_path / "local.safetensors", unet_cfg, local=False)
+    load_mapper(tmp_path / "local.safetensors", unet_cfg, "global")
 
 
 def test_mapper_that_does_not_fit_the_unet(real_size_mappers, tmp_path):
   folder, states, unet_cfg = real_size_mappers
   other = UNetConfig.from_diffusers(tiny_models.unet_config_sd1(cross_attention_dim=32))
   with pytest.raises(InputError, match="does not fit"):
-    weights.load_mapper(folder / "global_mapper.pt", other, local=False)
+    load_mapper(folder / "global_mapper.pt", other, "global")
   bad = dict(states["global"])
   bad.pop(next(k for k in bad if k.endswith("attn2_to_v.weight")))
   torch.save(bad, tmp_path / "partial.pt")
   with pytest.raises(InputError, match="does not fit|no key/value"):
-    weights.load_mapper(tmp_path / "partial.pt", unet_cfg, local=False)
+    load_mapper(tmp_path / "partial.pt", unet_cfg, "global")
   (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
   with pytest.raises(InputError):
-    weights.load_mapper(tmp_path / "junk.pt", unet_cfg, local=False)
+    load_mapper(tmp_path / "junk.pt", unet_cfg, "global")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,16 +205,14 @@ def test_unet_with_elite_matches_reference(tmp_path):
   config = tiny_models.unet_config_sd1()
   tunet = tiny_models.make_unet(config, seed=5)
   tunet.save_pretrained(tmp_path / "unet")
-  gstate = _official_state(tunet, input_dim=16, output_dim=32, hidden=24, seed=6, context_dim=32)
-  lstate = _official_state(tunet, input_dim=16, output_dim=32, hidden=24, seed=7, context_dim=32)
+  gstate = tiny_models.mapper_state_for(tunet, input_dim=16, output_dim=32, hidden=24, seed=6, context_dim=32)
+  lstate = tiny_models.mapper_state_for(tunet, input_dim=16, output_dim=32, hidden=24, seed=7, context_dim=32)
   torch.save(gstate, tmp_path / "g.pt")
   torch.save(lstate, tmp_path / "l.pt")
-  module, params = weights.load_unet(tmp_path / "unet")
+  module, params = pretrained.load_unet(tmp_path / "unet")
   unet_cfg = module.config
-  _, gw = weights.load_mapper(tmp_path / "g.pt", unet_cfg, local=False)
-  _, lw = weights.load_mapper(tmp_path / "l.pt", unet_cfg, local=True)
-  from elite_jax.elite import merge_kv
-  p = merge_kv(merge_kv(params, gw["kv"]), lw["kv"])
+  p = merge_kv(params, load_mapper(tmp_path / "g.pt", unet_cfg, "global").kv,
+               load_mapper(tmp_path / "l.pt", unet_cfg, "local").kv)
   ref.install_elite(tunet, gstate, lstate)
 
   rng = np.random.default_rng(8)

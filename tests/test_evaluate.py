@@ -6,6 +6,7 @@ transformers models and the authors' transforms (restated in test_metrics); a re
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from elite_jax import evaluate, metrics, preprocess
+from elite_jax import preprocess
+from elite_jax.cli import evaluate as evaluate_cli
 from elite_jax.errors import InputError
+from elite_jax.eval import dreambench, metrics
 from elite_jax.pipeline import ElitePipeline
 from tests import tiny_models
 from tests.test_metrics import set_layer_norm_eps, torchvision_transform, write_clip_b32, write_dino
@@ -31,10 +34,8 @@ def folders(tmp_path_factory):
   root = tmp_path_factory.mktemp("evaluate")
   models = tiny_models.write_sd_folder(root / "sd")
   tiny_models.make_vision_encoder(seed=11).save_pretrained(root / "image_encoder")
-  mods = tiny_models.attn2_modules(models["unet"])
-  state = tiny_models.official_mapper_state([n for n, _ in mods], [m.to_k.out_features for _, m in mods],
-                                            input_dim=32, output_dim=tiny_models.TEXT_DIM, hidden=24,
-                                            context_dim=tiny_models.TEXT_DIM, seed=12)
+  state = tiny_models.mapper_state_for(models["unet"], input_dim=32, output_dim=tiny_models.TEXT_DIM, hidden=24,
+                                       context_dim=tiny_models.TEXT_DIM, seed=12)
   torch.save(state, root / "global_mapper.pt")
   clip = write_clip_b32(root / "clip", seed=13)
   dino = set_layer_norm_eps(write_dino(root / "dino", seed=14), 1e-6)  # saved as the hub's, scored as torch.hub's
@@ -54,7 +55,7 @@ def _argv(folders, output, **over):
 @pytest.fixture(scope="module")
 def run(folders, tmp_path_factory):
   out = tmp_path_factory.mktemp("eval_out") / "dreambench"
-  assert evaluate.main(_argv(folders, out)) == 0
+  assert evaluate_cli.main(_argv(folders, out)) == 0
   return out
 
 
@@ -146,14 +147,14 @@ def test_rerun_reuses_images(folders, run, monkeypatch, capsys):
     raise AssertionError("the rerun must not load or run the generation pipeline")
   monkeypatch.setattr(ElitePipeline, "from_pretrained", forbidden)
   monkeypatch.setattr(ElitePipeline, "generate", forbidden)
-  assert evaluate.main(_argv(folders, out)) == 0
+  assert evaluate_cli.main(_argv(folders, out)) == 0
   assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == before
   new = json.loads((out / "results.json").read_text())
   assert new["subjects"] == old["subjects"] and new["mean"] == old["mean"]
 
   # other settings: refused, one line, nothing overwritten
   capsys.readouterr()
-  assert evaluate.main(_argv(folders, out, **{"--steps": "3"})) == 2
+  assert evaluate_cli.main(_argv(folders, out, **{"--steps": "3"})) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and "steps 2 -> 3" in err[0]
 
@@ -161,7 +162,6 @@ def test_rerun_reuses_images(folders, run, monkeypatch, capsys):
 def test_resume_regenerates_only_missing_images(folders, run, tmp_path, monkeypatch):
   out = tmp_path / "resumed"
   (out / "images").mkdir(parents=True)
-  import shutil
   shutil.copy(run / "generation.json", out / "generation.json")
   shutil.copytree(run / "images" / "teapot", out / "images" / "teapot")
   gone = out / "images" / "teapot" / "07_0.png"
@@ -171,11 +171,11 @@ def test_resume_regenerates_only_missing_images(folders, run, tmp_path, monkeypa
   calls = []
   original = ElitePipeline.generate
 
-  def counting(self, concept, prompts, **kw):
+  def counting(self, concept, prompts, *args, **kw):
     calls.append(list(prompts))
-    return original(self, concept, prompts, **kw)
+    return original(self, concept, prompts, *args, **kw)
   monkeypatch.setattr(ElitePipeline, "generate", counting)
-  assert evaluate.main(_argv(folders, out, **{"--subjects": "teapot"})) == 0
+  assert evaluate_cli.main(_argv(folders, out, **{"--subjects": "teapot"})) == 0
   assert calls == [["a S teapot with a mountain in the background", "a S teapot with a blue house in the background"]]
   again = np.asarray(Image.open(gone))
   # the same noise as in the full run (per-image keys), so the same image up to batch-size rounding
@@ -186,30 +186,30 @@ def test_resume_regenerates_only_missing_images(folders, run, tmp_path, monkeypa
 
 
 def test_benchmark_folder_reading(tmp_path):
-  bench = evaluate.read_benchmark(BENCH)
+  bench = dreambench.read_benchmark(BENCH)
   assert [s.name for s in bench.subjects] == ["dog", "teapot"]
   assert len(bench.object_templates) == len(bench.live_templates) == 25
-  classes, _, _ = evaluate.read_prompts_file(BENCH / "prompts_and_classes.txt")
+  classes, _, _ = dreambench.read_prompts_file(BENCH / "prompts_and_classes.txt")
   assert len(classes) == 30 and classes["bear_plushie"] == "stuffed animal"
-  assert sum(c in evaluate.LIVE_CLASSES for c in classes.values()) == 9  # DreamBench's live subjects
-  bear = evaluate.Subject("bear_plushie", "stuffed animal", False, ())
+  assert sum(c in dreambench.LIVE_CLASSES for c in classes.values()) == 9  # DreamBench's live subjects
+  bear = dreambench.Subject("bear_plushie", "stuffed animal", False, ())
   assert bench.prompts(bear, "S")[24] == "a cube shaped S stuffed animal"
   # a folder of subject folders directly (no images/), with a one-list prompts file
   (tmp_path / "mug").mkdir()
   Image.new("RGB", (40, 30)).save(tmp_path / "mug" / "a.png")
   (tmp_path / "prompts_and_classes.txt").write_text(
       "subject_name,class\nmug,cup\n\n'a {0} {1} on a table'.format(unique_token, class_token)\n")
-  custom = evaluate.read_benchmark(tmp_path)
+  custom = dreambench.read_benchmark(tmp_path)
   assert custom.prompts(custom.subjects[0], "S") == ["a S cup on a table"]
-  assert evaluate.reference_photo(custom.subjects[0], None).name == "a.png"
+  assert dreambench.reference_photo(custom.subjects[0], None).name == "a.png"
   with pytest.raises(InputError, match="no such photo"):
-    evaluate.reference_photo(custom.subjects[0], "b.png")
+    dreambench.reference_photo(custom.subjects[0], "b.png")
 
 
 def test_bad_inputs(folders, tmp_path, capsys):
   def bad(**over):
     capsys.readouterr()
-    assert evaluate.main(_argv(folders, tmp_path / "o", **over)) == 2
+    assert evaluate_cli.main(_argv(folders, tmp_path / "o", **over)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     return err[0]

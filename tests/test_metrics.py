@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from elite_jax import metrics, preprocess, text, weights
+from elite_jax import preprocess, text
+from elite_jax.eval import metrics
+from elite_jax.weights import pretrained
 from elite_jax.errors import InputError
 from elite_jax.models.clip import CLIPModel
 from elite_jax.models.vit import ViTModel
@@ -80,7 +82,7 @@ def test_dino_vit_matches_transformers(tmp_path, pooler, safe, eps):
   ref = write_dino(tmp_path / "dino", seed=3, pooler=pooler, safe=safe)
   config = json.loads((tmp_path / "dino" / "config.json").read_text())
   assert config["model_type"] == "vit" and config["layer_norm_eps"] == 1e-12
-  module, params = weights.load_dino(tmp_path / "dino", layer_norm_eps=eps)
+  module, params = pretrained.load_dino(tmp_path / "dino", layer_norm_eps=eps)
   assert module.config.layer_norm_eps == (eps or 1e-12) and module.config.patch_size == 16
   if eps:
     set_layer_norm_eps(ref, eps)
@@ -108,7 +110,7 @@ def test_dino_loader_takes_in_memory_names(tmp_path):
   (tmp_path / "dino" / "model.safetensors").unlink()
   safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()},
                               str(tmp_path / "dino" / "model.safetensors"))
-  module, params = weights.load_dino(tmp_path / "dino")
+  module, params = pretrained.load_dino(tmp_path / "dino")
   pixels = np.random.default_rng(0).standard_normal((1, 224, 224, 3)).astype(np.float32)
   with jax.default_matmul_precision("highest"):
     got = module.apply({"params": params}, pixels)
@@ -119,21 +121,21 @@ def test_dino_loader_takes_in_memory_names(tmp_path):
 def test_dino_loader_rejects_other_models(tmp_path):
   tiny_models.make_vision_encoder(seed=1).save_pretrained(tmp_path / "clip")
   with pytest.raises(InputError, match="not a plain ViT"):
-    weights.load_dino(tmp_path / "clip")
+    pretrained.load_dino(tmp_path / "clip")
   write_dino(tmp_path / "dino")
   cfg = json.loads((tmp_path / "dino" / "config.json").read_text())
   (tmp_path / "dino" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 48}))
   with pytest.raises(InputError, match="does not fit"):
-    weights.load_dino(tmp_path / "dino")
+    pretrained.load_dino(tmp_path / "dino")
 
 
 def test_clip_b32_features_match_transformers(tmp_path):
   ref = write_clip_b32(tmp_path / "clip", seed=5)
   cfg = json.loads((tmp_path / "clip" / "config.json").read_text())
   assert cfg["text_config"]["eos_token_id"] == 2 and cfg["vision_config"]["patch_size"] == 32
-  module, params = weights.load_clip(tmp_path / "clip")
+  module, params = pretrained.load_clip(tmp_path / "clip")
   assert module.vision.num_patches == 49 and module.text.eos_token_id == 2 and module.projection_dim == 16
-  tokenizer = weights.load_tokenizer(tmp_path / "clip")
+  tokenizer = pretrained.load_tokenizer(tmp_path / "clip")
   ids = text.tokenize(tokenizer, ["a dog in the jungle", "a red teapot", "a cube shaped backpack on the beach"])
   pixels = np.random.default_rng(1).standard_normal((3, 224, 224, 3)).astype(np.float32)
   with jax.default_matmul_precision("highest"):

@@ -11,8 +11,11 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
-from elite_jax.random_preset import SD14_SCHEDULER, write_tokenizer  # one tokenizer for all tests
+from elite_jax.models.presets import SD14_SCHEDULER
+from elite_jax.tiny import write_tokenizer  # one tokenizer for all tests
 
 
 def randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -68,25 +71,21 @@ def vision_config(num_layers: int = 24) -> dict:
 
 
 def make_unet(config: dict, seed: int = 0):
-  from diffusers import UNet2DConditionModel
   torch.manual_seed(seed)
   return randomize(UNet2DConditionModel(**config), seed)
 
 
 def make_vae(seed: int = 0):
-  from diffusers import AutoencoderKL
   torch.manual_seed(seed)
   return randomize(AutoencoderKL(**vae_config()), seed)
 
 
 def make_text_encoder(vocab_size: int, seed: int = 0):
-  from transformers import CLIPTextConfig, CLIPTextModel
   torch.manual_seed(seed)
   return randomize(CLIPTextModel(CLIPTextConfig(**text_config(vocab_size))), seed, scale=0.02)
 
 
 def make_vision_encoder(seed: int = 0, full_clip: bool = False, num_layers: int = 24):
-  from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModel, CLIPModel
   torch.manual_seed(seed)
   if full_clip:
     cfg = CLIPConfig(text_config=text_config(600), vision_config=vision_config(num_layers), projection_dim=16)
@@ -94,14 +93,15 @@ def make_vision_encoder(seed: int = 0, full_clip: bool = False, num_layers: int 
   return randomize(CLIPVisionModel(CLIPVisionConfig(**vision_config(num_layers))), seed, scale=0.02)
 
 
-def write_sd_folder(root: Path, *, seed: int = 0, unet_config: dict | None = None,
-                    safe_serialization: bool = True) -> dict:
+def write_sd_folder(root: Path, *, seed: int = 0, unet_config: dict | None = None, safe_serialization: bool = True,
+                    models: dict | None = None) -> dict:
   """A diffusers-format SD folder with random weights: model_index.json, unet, vae, text_encoder, tokenizer,
-  scheduler (SD v1-4's scheduler config). Returns the PyTorch models that were saved."""
+  scheduler (SD v1-4's scheduler config). Returns the PyTorch models that were saved: tiny ones made here, or
+  ``models`` ({"unet", "vae", "text_encoder"}: any shapes, e.g. the benchmarks' real ones)."""
   root.mkdir(parents=True, exist_ok=True)
   vocab = write_tokenizer(root / "tokenizer")
-  models = {"unet": make_unet(unet_config or unet_config_sd1(), seed), "vae": make_vae(seed + 1),
-            "text_encoder": make_text_encoder(vocab, seed + 2)}
+  models = models or {"unet": make_unet(unet_config or unet_config_sd1(), seed), "vae": make_vae(seed + 1),
+                      "text_encoder": make_text_encoder(vocab, seed + 2)}
   for name, model in models.items():
     model.save_pretrained(root / name, safe_serialization=safe_serialization)
   (root / "scheduler").mkdir(exist_ok=True)
@@ -140,6 +140,20 @@ def official_mapper_state(attn2_names: list[str], attn2_dims: list[int], *, inpu
     state[f"{name.replace('.', '_')}_to_k.weight"] = rnd(dim, context_dim, s=0.2)
     state[f"{name.replace('.', '_')}_to_v.weight"] = rnd(dim, context_dim, s=0.2)
   return state
+
+
+def mapper_state_for(unet, **kw) -> dict[str, torch.Tensor]:
+  """``official_mapper_state`` for every attn2 of a diffusers UNet (names and widths read off the module)."""
+  mods = attn2_modules(unet)
+  return official_mapper_state([n for n, _ in mods], [m.to_k.out_features for _, m in mods], **kw)
+
+
+def write_model_folders(root: Path, *, seed: int = 0, vision_seed: int = 11) -> tuple[dict, torch.nn.Module]:
+  """``root/sd`` (``write_sd_folder``) and ``root/clip`` (a tiny 24-layer CLIP vision encoder): what ELITE loads."""
+  models = write_sd_folder(root / "sd", seed=seed)
+  vision = make_vision_encoder(seed=vision_seed)
+  vision.save_pretrained(root / "clip")
+  return models, vision
 
 
 def attn2_modules(unet) -> list[tuple[str, torch.nn.Module]]:
