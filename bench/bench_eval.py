@@ -24,12 +24,15 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from elite_jax import evaluate, metrics
-from elite_jax.random_preset import random_pipeline
+from elite_jax import tiny
+from elite_jax.eval import dreambench, metrics
+from elite_jax.models.clip import CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from elite_jax.models.vit import ViTConfig, ViTModel
+from elite_jax.options import GenerationOptions
+from elite_jax.pipeline import ElitePipeline
 
 BENCH = Path(__file__).resolve().parents[1] / "tests" / "data" / "dreambench"
 
@@ -45,25 +48,22 @@ def main() -> None:
   p.add_argument("--batch-size", type=int, default=25)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   args = p.parse_args()
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   t0 = time.perf_counter()
-  pipe = random_pipeline(dtype=dtype, size=args.size)
+  pipe = ElitePipeline.from_random(args.size, dtype=args.dtype)
   models = metrics.random_metric_models() if args.size == "tiny" else real_shape_metric_models()
   print(f"built random models in {time.perf_counter() - t0:.0f} s", flush=True)
-  bench = evaluate.read_benchmark(BENCH)
-  settings = evaluate.GenerationSettings(
-      pretrained="random", image_encoder="random", global_mapper=None, local_mapper=None, local_input="off",
-      lam=None, placeholder="S", words="primary", scheduler=args.scheduler, steps=args.steps, guidance=5.0, seed=0,
-      height=args.height, width=args.width, dtype=args.dtype, reference=None, random_weights=True)
+  bench = dreambench.read_benchmark(BENCH)
+  options = GenerationOptions(scheduler=args.scheduler, steps=args.steps, guidance=5.0, lam=0.0, seed=0,
+                              height=args.height, width=args.width, dtype=args.dtype, placeholder_index="token")
   out = Path(tempfile.mkdtemp(prefix="bench_eval_"))
 
   def run(subject):
     prompts = bench.prompts(subject, "S")
     todo = [(p, k) for p in range(len(prompts)) for k in range(args.num_images)]
-    evaluate.generate_subject(pipe, subject, prompts, todo, output=out, settings=settings,
-                              batch_size=args.batch_size)
-    images = np.stack([np.asarray(Image.open(evaluate.image_path(out, subject.name, p, k))) for p, k in todo])
-    evaluate.score_subject(models, subject, prompts, images, args.num_images, "S")
+    dreambench.generate_subject(pipe, subject, prompts, todo, output=out, options=options, reference=None,
+                                batch_size=args.batch_size)
+    images = np.stack([np.asarray(Image.open(dreambench.image_path(out, subject.name, p, k))) for p, k in todo])
+    dreambench.score_subject(models, subject, prompts, images, args.num_images, "S")
     return len(todo)
 
   t0 = time.perf_counter()
@@ -80,14 +80,6 @@ def main() -> None:
 
 def real_shape_metric_models():
   """Random CLIP ViT-B/32 and DINO ViT-S/16 at their real shapes."""
-  from transformers import CLIPTokenizer
-
-  from elite_jax.models.clip import CLIPModel, CLIPTextConfig, CLIPVisionConfig
-  from elite_jax.models.vit import ViTConfig, ViTModel
-  from elite_jax.random_preset import random_params, write_tokenizer
-  folder = Path(tempfile.mkdtemp())
-  vocab = write_tokenizer(folder)
-  tok = CLIPTokenizer.from_pretrained(str(folder))
   text = CLIPTextConfig(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                         num_attention_heads=8, projection_dim=512)
   vision = CLIPVisionConfig(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
@@ -95,14 +87,8 @@ def real_shape_metric_models():
   clip = CLIPModel(text, vision, 512)
   dino = ViTModel(ViTConfig())  # facebook/dino-vits16's shape
   rng = np.random.default_rng(0)
-  s = jax.ShapeDtypeStruct
-  cp = random_params(jax.eval_shape(lambda i, x: clip.init(jax.random.key(0), i, x), s((1, 77), jnp.int32),
-                                    s((1, 224, 224, 3), jnp.float32))["params"], rng)
-  dp = random_params(jax.eval_shape(lambda x: dino.init(jax.random.key(0), x), s((1, 224, 224, 3), jnp.float32))
-                     ["params"], rng)
-  del vocab
-  return metrics.MetricModels(clip, jax.tree.map(jnp.asarray, cp), tok, dino, jax.tree.map(jnp.asarray, dp),
-                              random=True)
+  cp, dp = tiny.random_params(clip.param_shapes(), rng), tiny.random_params(dino.param_shapes(), rng)
+  return metrics.MetricModels(clip, jax.device_put(cp), tiny.tokenizer(), dino, jax.device_put(dp), random=True)
 
 
 if __name__ == "__main__":

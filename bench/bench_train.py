@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,15 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from diffusers import AutoencoderKL as TorchVAE, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
-from elite_jax import convert, presets, schedulers, sharding
-from elite_jax.models.clip import (CLIPTextTransformer, CLIPVisionTransformer, text_config_from_transformers,
-                                   vision_config_from_transformers)
-from elite_jax.models.mappers import MapperConfig
-from elite_jax.models.unet import UNet, UNetConfig
-from elite_jax.models.vae import AutoencoderKL, VAEConfig
-from elite_jax.train import config as config_lib, step as step_lib
-from elite_jax.train.models import Models, _kv_from_sd, init_mapper
+from bench.timing import jax_sync, median_time, torch_sync
+from elite_jax import sharding
+from elite_jax.models import presets
+from elite_jax.train import config as config_lib
+from elite_jax.train.program import build
+from tests import elite_reference as ref
+from tests import tiny_models
 
 SHAPES = {
     "small": dict(unet=dict(presets.SD14_UNET, block_out_channels=[64, 128, 256, 256], sample_size=32),
@@ -49,23 +51,10 @@ SHAPES = {
 PEAK_GPU = {"float32": 67e12, "bfloat16": 989e12}  # H100/H200 SXM dense datasheet rates
 
 
-def median_time(fn, reps, sync):
-  sync(fn())
-  sync(fn())
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    sync(fn())
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
-
-
 def torch_models(shape, device):
-  from diffusers import AutoencoderKL as TVAE, UNet2DConditionModel
-  from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
   torch.manual_seed(0)
   unet = UNet2DConditionModel(**shape["unet"]).to(device).eval()
-  vae = TVAE(**shape["vae"]).to(device).eval()
+  vae = TorchVAE(**shape["vae"]).to(device).eval()
   text = CLIPTextModel(CLIPTextConfig(**shape["text"])).to(device).eval()
   vision = CLIPVisionModel(CLIPVisionConfig(**shape["vision"])).to(device).eval()
   for m in (unet, vae, text, vision):
@@ -73,44 +62,29 @@ def torch_models(shape, device):
   return unet, vae, text, vision
 
 
-def jax_setup(shape, tms, stage, batch, compute):
-  unet_t, vae_t, text_t, vision_t = tms
-  sd = lambda m, strip="": {k.removeprefix(strip): v.float().cpu().numpy() for k, v in m.state_dict().items()}
-  cd = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute]
-  unet = UNet(UNetConfig.from_diffusers(shape["unet"]), dtype=cd)
-  vae = AutoencoderKL(VAEConfig.from_diffusers(shape["vae"]), dtype=cd)
-  text = CLIPTextTransformer(text_config_from_transformers(shape["text"]), dtype=cd)
-  vision = CLIPVisionTransformer(vision_config_from_transformers(shape["vision"]), dtype=cd)
-  skip = lambda k: k.endswith("position_ids")
-  frozen = {"unet": convert.torch_to_flax(sd(unet_t)), "vae": convert.torch_to_flax(sd(vae_t)),
-            "text_encoder": convert.torch_to_flax(sd(text_t, "text_model."), skip=skip),
-            "image_encoder": convert.torch_to_flax(sd(vision_t, "vision_model."), skip=skip)}
-  mcfg = MapperConfig(input_dim=shape["vision"]["hidden_size"], hidden_dim=shape["hidden"],
-                      output_dim=shape["text"]["hidden_size"])
-  paths = unet.config.cross_attention_paths()
-  models = Models(stage, unet, vae, text, vision, mcfg, mcfg if stage == 2 else None,
-                  schedulers.NoiseSchedule.from_config(presets.SD14_SCHEDULER), None)
-  if stage == 2:
-    import flax.linen as nn
-    frozen["global_mapper"] = {"mapper": jax.device_get(nn.meta.unbox(init_mapper(models, jax.random.PRNGKey(9)))),
-                               "kv": _kv_from_sd(frozen["unet"], paths, local=False)}
-  kv = _kv_from_sd(frozen["unet"], paths, local=stage == 2)
+def write_checkpoints(shape, tms, folder: Path) -> Path:
+  """The PyTorch models as a diffusers SD folder and a CLIP folder, and a random stage-1 mapper in the official
+  layout: the JAX side loads them through the library's own loaders."""
+  unet, vae, text, vision = tms
+  tiny_models.write_sd_folder(folder / "sd", models={"unet": unet, "vae": vae, "text_encoder": text})
+  vision.save_pretrained(folder / "clip")
+  width = shape["text"]["hidden_size"]
+  torch.save(tiny_models.mapper_state_for(unet, input_dim=shape["vision"]["hidden_size"], output_dim=width,
+                                          hidden=shape["hidden"], context_dim=width), folder / "global_mapper.pt")
+  return folder
+
+
+def jax_setup(shape, folder: Path, stage, batch, compute):
   cfg = config_lib.defaults()
   cfg.stage, cfg.batch_size, cfg.grad_accum, cfg.compute_dtype = stage, batch, 1, compute
+  cfg.pretrained, cfg.image_encoder = str(folder / "sd"), str(folder / "clip")
+  cfg.global_mapper = str(folder / "global_mapper.pt") if stage == 2 else ""
+  cfg.mapper.hidden_dim = shape["hidden"]
   cfg.data.resolution = shape["resolution"]
   cfg.reg_weight = 0.01 if stage == 1 else 1e-4
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  frozen = jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float32).astype(cd) if np.issubdtype(
-      np.asarray(x).dtype, np.floating) else x), frozen)
-  fsh = jax.tree.map(lambda x: x.sharding, frozen)
-  opt = step_lib.make_optimizer(cfg)
-  ssh = step_lib.state_shardings(models, opt, mesh)
-  state = step_lib.init_state(models, opt, kv, 0, ssh)
-  b = make_batch(stage, batch, shape)
-  bsh = step_lib.batch_shardings(mesh, {k: np.zeros((1, 1) + v.shape[1:]) for k, v in b.items()})
-  fn = step_lib.make_train_step(models, cfg, opt, mesh, ssh, fsh, bsh)
-  gb = {k: jax.device_put(v[None], bsh[k]) for k, v in b.items()}
-  return fn, state, frozen, gb
+  cfg.frozen_dtype = compute
+  program = build(cfg, sharding.make_mesh(devices=jax.devices()[:1]))
+  return program.step, program.init_state(), program.frozen, program.global_batch(make_batch(stage, batch, shape))
 
 
 def make_batch(stage, b, shape):
@@ -130,8 +104,6 @@ def make_batch(stage, b, shape):
 
 def torch_step_fn(stage, tms, shape, batch, device, autocast):
   """The official step: mapper (+local mapper), injection, UNet with ELITE attention, loss, backward, clip, AdamW."""
-  from diffusers import DDPMScheduler
-  from tests import elite_reference as ref
   unet, vae, text, vision = tms
   unet.requires_grad_(False)  # the previous stage's run may have left K/V trainable
   hidden, din, dout = shape["hidden"], shape["vision"]["hidden_size"], shape["text"]["hidden_size"]
@@ -195,8 +167,7 @@ def torch_step_fn(stage, tms, shape, batch, device, autocast):
 
 class _Recording:
   def __init__(self, kl, vl):
-    from tests.elite_reference import EliteProcessor
-    self.inner = EliteProcessor(kl, vl)
+    self.inner = ref.EliteProcessor(kl, vl)
     self.kl, self.vl = kl, vl
 
   def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, local=None,
@@ -210,7 +181,7 @@ def cpu_matmul_peak() -> float:
   n = 2048
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
-  t = median_time(lambda: f(a), 5, jax.block_until_ready)
+  t = median_time(lambda: f(a), 5, jax_sync)
   return 2 * n ** 3 / t
 
 
@@ -228,6 +199,7 @@ def main() -> None:
   shape = SHAPES[args.shape]
   device = "cuda" if args.gpu else "cpu"
   tms = torch_models(shape, device)
+  folder = write_checkpoints(shape, tms, Path(tempfile.mkdtemp(prefix="bench_train_")))
   peak = None if args.gpu else cpu_matmul_peak()
   if peak:
     print(f"CPU float32 matmul rate (2048^3, jax): {peak / 1e9:.1f} GFLOP/s (the 'peak' for CPU MFU)")
@@ -236,7 +208,7 @@ def main() -> None:
       row = {"stage": stage, "batch": batch, "shape": args.shape, "device": str(jax.devices()[0].device_kind),
              "date": time.strftime("%Y-%m-%d")}
       for compute in (("float32", "bfloat16") if args.gpu else ("float32",)):
-        fn, state, frozen, gb = jax_setup(shape, tms, stage, batch, compute)
+        fn, state, frozen, gb = jax_setup(shape, folder, stage, batch, compute)
         compiled = fn.lower(state, frozen, gb).compile()
         cost = compiled.cost_analysis()
         flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
@@ -246,7 +218,7 @@ def main() -> None:
         def run():
           holder["s"], m = fn(holder["s"], frozen, gb)
           return m["loss"]
-        t = median_time(run, args.reps, jax.block_until_ready)
+        t = median_time(run, args.reps, jax_sync)
         pk = PEAK_GPU[compute] if args.gpu else peak
         row[f"jax_{compute}"] = {"step_s": t, "samples_per_s": batch / t, "flops": flops, "mfu": flops / t / pk}
         # The compiled step's own footprint (arguments + outputs + temporaries - donated aliases), per config: the
@@ -265,7 +237,7 @@ def main() -> None:
           step = torch_step_fn(stage, tms, shape, batch, device, autocast)
           if args.gpu:
             torch.cuda.reset_peak_memory_stats()
-          t = median_time(step, args.reps, lambda _: torch.cuda.synchronize() if args.gpu else None)
+          t = median_time(step, args.reps, torch_sync)
           key = "torch_fp16_autocast" if autocast else "torch_float32"
           row[key] = {"step_s": t, "samples_per_s": batch / t}
           if args.gpu:
