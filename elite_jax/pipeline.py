@@ -40,22 +40,31 @@ class ElitePipeline:
 
   def __init__(self, sd: StableDiffusion, global_mapper: MapperBundle, local_mapper: MapperBundle | None = None):
     sd.check()
-    for m in (global_mapper, local_mapper):
-      if m is not None:
-        concept_lib.check_fits(m, sd.image_encoder, sd.text_dim)
     self.sd = sd
-    self.global_mapper, self.local_mapper = global_mapper.cast(sd.dtype), None
-    kv = [self.global_mapper.kv]
-    if local_mapper is not None:
-      self.local_mapper = local_mapper.cast(sd.dtype)
-      kv.append(self.local_mapper.kv)
-    params = cast_floating(sd.params, sd.dtype)
-    params = dict(params, unet=concept_lib.merge_kv(params["unet"], *kv), global_mapper=self.global_mapper.mlp)
-    if self.local_mapper is not None:
-      params["local_mapper"] = self.local_mapper.mlp
-    self.params = jax.device_put(params)
+    self._models = jax.device_put(cast_floating(sd.params, sd.dtype))
     self._compiled: dict = {}
     self._bar = None  # the progress bar the jitted loop's host callback advances
+    self.set_mappers(global_mapper, local_mapper)
+
+  def set_mappers(self, global_mapper: MapperBundle, local_mapper: MapperBundle | None = None) -> None:
+    """Use these mappers from now on (e.g. a training run's latest); compiled functions are kept when their shapes
+    and configs are those of the mappers before."""
+    for m in (global_mapper, local_mapper):
+      if m is not None:
+        concept_lib.check_fits(m, self.sd.image_encoder, self.sd.text_dim)
+    kinds = lambda g, l: (g.config, None if l is None else l.config)
+    if hasattr(self, "global_mapper") and kinds(self.global_mapper, self.local_mapper) != kinds(global_mapper,
+                                                                                                 local_mapper):
+      self._compiled.clear()  # the traced functions read the mappers' configs
+    dt = self.sd.dtype
+    self.global_mapper = jax.device_put(global_mapper.cast(dt))
+    self.local_mapper = None if local_mapper is None else jax.device_put(local_mapper.cast(dt))
+    kv = [m.kv for m in (self.global_mapper, self.local_mapper) if m is not None]
+    params = dict(self._models, unet=concept_lib.merge_kv(self._models["unet"], *kv),
+                  global_mapper=self.global_mapper.mlp)
+    if self.local_mapper is not None:
+      params["local_mapper"] = self.local_mapper.mlp
+    self.params = params
 
   # ---------------------------------------------------------------------------------------------------------------
   @classmethod

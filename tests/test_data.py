@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from elite_jax.data import augment, folder, openimages, records
+from elite_jax.data import loader as loader_lib
 from elite_jax.data.loader import make_loader
 from elite_jax.errors import InputError
 from elite_jax.preprocess import CLIP_MEAN, CLIP_STD
@@ -411,20 +412,29 @@ def test_loader_order_determinism_and_epochs(built, tokenizer):
   assert not np.array_equal(records_of(6, n), order[0])
 
 
-def test_loader_two_hosts(built, tokenizer):
+@pytest.mark.parametrize("per_host,micro", [(1, 1), (4, 2)])
+def test_loader_two_hosts(built, tokenizer, per_host, micro):
+  """Two hosts' batches, concatenated micro-batch by micro-batch in process order, are the single host's batches."""
   builder = built[1][2]
   n = len(builder.as_data_source(split="train"))
-  kwargs = dict(tokenizer=tokenizer, batch_size=1, resolution=RES, seed=2, process_count=2)
-  single = make_loader(builder, **{**kwargs, "process_count": 1}, process_index=0)
-  hosts = [make_loader(builder, **kwargs, process_index=h) for h in (0, 1)]
-  stream = _take(single, 2 * n)
-  per_host = [_take(h, n) for h in hosts]
-  for h in (0, 1):  # host h reads global positions h, h + 2, ...: the same samples as the single-host stream
-    _assert_same(per_host[h], stream[h::2])
-  first_epoch = [int(b["record"][0]) for h in (0, 1) for b in per_host[h][:(n + 1 - h) // 2]]
-  assert sorted(first_epoch) == list(range(n))  # disjoint, and together everything
+  kwargs = dict(tokenizer=tokenizer, resolution=RES, seed=2, micro_batches=micro)
+  single = make_loader(builder, **kwargs, batch_size=2 * per_host, process_index=0, process_count=1)
+  hosts = [make_loader(builder, **kwargs, batch_size=per_host, process_index=h, process_count=2) for h in (0, 1)]
+  steps = max(2, n // per_host)
+  stream, per_host_batches = _take(single, steps), [_take(h, steps) for h in hosts]
+  m = per_host // micro
+  for s in range(steps):
+    for a in range(micro):
+      joined = {k: np.concatenate([per_host_batches[h][s][k][a * m:(a + 1) * m] for h in (0, 1)])
+                for k in stream[s]}
+      _assert_same([joined], [{k: v[2 * a * m:2 * (a + 1) * m] for k, v in stream[s].items()}])
+  assert sorted(np.concatenate([b["record"] for b in stream])[:n]) == list(range(n))  # an epoch: every record
+  # the hosts' slots: disjoint, and together every slot
+  slots = [hosts[h].layout.slot(i) for h in (0, 1) for i in range(steps * per_host)]
+  assert sorted(slots) == list(range(2 * steps * per_host))
   for loader in [single] + hosts:
     loader.close()
+  assert hosts[1].get_state() == hosts[0].get_state() == single.get_state()  # the state is the run's, not a host's
 
 
 def test_loader_exact_resume(built, tokenizer):
@@ -432,7 +442,7 @@ def test_loader_exact_resume(built, tokenizer):
   first = make_loader(built[1][2], **kwargs)
   _take(first, 3)
   state = json.loads(json.dumps(first.get_state()))
-  assert state["position"] == 6 and state["format"] == "elite_jax.loader/1"
+  assert state["slots"] == 6 and state["format"] == "elite_jax.loader/2"
   expected = _take(first, 2)
   resumed = make_loader(built[1][2], **{**kwargs, "batch_size": 1})
   resumed.set_state(state)
@@ -446,12 +456,14 @@ def test_loader_exact_resume(built, tokenizer):
 
 
 def test_loader_skips_a_corrupt_record(built, tokenizer, monkeypatch):
+  """A record that fails is skipped and counted; its slot takes a substitute record, every other slot is the clean
+  stream's, sample for sample."""
   builder = built[1][1]
   raw = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
   bad = raw[1]["image"]
   kwargs = dict(tokenizer=tokenizer, batch_size=2, resolution=RES, seed=3, process_index=0, process_count=1)
   clean = make_loader(builder, **kwargs)
-  clean_batches = _take(clean, 12)
+  clean_batches = _take(clean, 8)
   decode = records.decode_png
 
   def failing(data, channels):
@@ -462,27 +474,23 @@ def test_loader_skips_a_corrupt_record(built, tokenizer, monkeypatch):
   monkeypatch.setattr(records, "decode_png", failing)
   loader = make_loader(builder, **kwargs)
   batches = _take(loader, 8)
+  stream = np.concatenate([b["record"] for b in clean_batches])
+  got = np.concatenate([b["record"] for b in batches])
+  hit = stream == 1
+  # each slot of record 1 failed at least once (a substitute, drawn at random, may be record 1 again)
+  assert hit.sum() >= 2 and loader.skipped >= hit.sum()
+  assert (got[hit] != 1).all()  # substitutes
+  for j in np.flatnonzero(~hit):
+    for k in batches[0]:
+      np.testing.assert_array_equal(batches[j // 2][k][j % 2], clean_batches[j // 2][k][j % 2])
   for batch in batches:
     _check_batch(batch, 1, 2)
-  got = np.concatenate([b["record"] for b in batches])
-  stream = np.concatenate([b["record"] for b in clean_batches])
-  # The batches are the clean stream without record 1, sample for sample.
-  assert loader.skipped == int((stream[:loader.position] == 1).sum()) >= 2
-  np.testing.assert_array_equal(got, stream[:loader.position][stream[:loader.position] != 1])
-  clean_samples = {p: {k: b[k][i] for k in b} for p, (b, i) in enumerate(
-      (b, i) for b in clean_batches for i in range(2))}
-  kept = [p for p in range(loader.position) if stream[p] != 1]
-  for j, p in enumerate(kept):
-    for k in batches[0]:
-      np.testing.assert_array_equal(batches[j // 2][k][j % 2], clean_samples[p][k])
   assert loader.get_state()["skipped"] == loader.skipped
   clean.close()
   loader.close()
 
 
 def test_loader_all_records_failing_raises(built, tokenizer, monkeypatch):
-  from elite_jax.data import loader as loader_lib
-
   def failing(data, channels):
     raise ValueError("corrupt PNG")
 

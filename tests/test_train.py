@@ -14,12 +14,15 @@ import jax
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import infer
 from elite_jax import data, sharding, tiny
 from elite_jax.data import folder
 from elite_jax.data.loader import make_loader
 from elite_jax.errors import InputError
+from elite_jax.eval.report import image_grid
+from elite_jax.pipeline import ElitePipeline
 from elite_jax.train import losses, loop
 from elite_jax.train.program import build
 from tests import tiny_models
@@ -50,7 +53,7 @@ def openimages(tmp_path_factory):
 def test_two_stages_on_openimages_then_infer_and_export(openimages, tmp_path):
   w1, w2 = tmp_path / "stage1", tmp_path / "stage2"
   over = {"data.builder": "openimages", "data.manual_dir": str(openimages), "num_train_steps": 4,
-          "checkpoint_every": 2}
+          "checkpoint_every": 2, "batch_size": 4}  # stage 2's w0 groups of 2 on each of the 2 devices
   last = loop.train(load_config("tiny_stage1", **over), w1)
   assert last["step"] == 4 and np.isfinite(last["loss"])
   assert (w1 / "global_mapper.safetensors").is_file()
@@ -205,3 +208,31 @@ def test_workdir_from_another_run_and_bad_data(tmp_path):
                         cwd=REPO, timeout=300)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'no_such_key'")
+
+
+def test_samples_and_periodic_exports(tmp_path):
+  """Every samples.every steps a grid of the fixed photo and prompts (the pipeline's own images with that step's
+  mapper); every export_every steps a mapper, ours and the official .pt."""
+  workdir = tmp_path / "run"
+  cfg = load_config("tiny_stage1", num_train_steps=4, checkpoint_every=4, export_every=2, export_official=True,
+                    **{"samples.every": 2, "samples.steps": 2, "mesh.data": 1})
+  loop.train(cfg, workdir)
+  assert sorted(p.name for p in (workdir / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+  assert sorted(p.name for p in (workdir / "mappers").iterdir()) == ["global_mapper_0000002.pt",
+                                                                     "global_mapper_0000002.safetensors"]
+  grid = np.asarray(Image.open(workdir / "samples" / "step_0000002.png"))
+  pipe = ElitePipeline.from_random(global_mapper=workdir / "mappers" / "global_mapper_0000002.safetensors")
+  opts = pipe.options(steps=2, scheduler="ddim", height=64, width=64, seed=0)
+  images = pipe.generate(pipe.encode_concept(cfg.samples.image), list(cfg.samples.prompts), opts, progress=False)
+  want = np.asarray(image_grid(list(images), len(images), 1, labels=list(cfg.samples.prompts)))
+  np.testing.assert_array_equal(grid, want)
+  events = b"".join(p.read_bytes() for p in (workdir / "tb").glob("events.out.tfevents.*"))
+  assert b"samples" in events
+  state = torch.load(workdir / "mappers" / "global_mapper_0000002.pt", map_location="cpu", weights_only=True)
+  assert list(state)[0] == "mapping_0.0.weight"
+
+
+def test_memory_estimate_stops_a_step_that_cannot_fit(tmp_path, capsys):
+  with pytest.raises(InputError, match="the train step needs .* GiB per device but 0.00 GiB are available"):
+    loop.train(load_config("tiny_stage1", memory_limit_gb=1e-4), tmp_path / "run")
+  assert "train step: " in capsys.readouterr().err

@@ -15,7 +15,7 @@ from elite_jax import concept, sharding
 from elite_jax.concept import MapperBundle
 from elite_jax.errors import InputError
 from elite_jax.train import config as config_lib, losses, program as program_lib
-from elite_jax.weights.mapper_files import official_state, save_mapper
+from elite_jax.weights.mapper_files import load_mapper, official_state, save_mapper
 from tests import elite_reference as ref
 from tests import tiny_models
 
@@ -150,17 +150,19 @@ class _RecordingProcessor(ref.EliteProcessor):
     return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, local, index, lam)
 
 
+@pytest.fixture(scope="module")
+def stage1_mapper(folders, tmp_path_factory):
+  """A stage-1 mapper file for stage 2 to freeze: fresh MLPs (another seed than training's), SD's K/V."""
+  sd, mcfg, _ = program_lib.load_models(_config(folders[0], 1))
+  g = MapperBundle(kv=concept.kv_from_unet(sd.params["unet"], sd.unet.config, "global"),
+                   mlp=concept.init_mlp(mcfg, "global", jax.random.PRNGKey(3)), config=mcfg, kind="global")
+  return str(save_mapper(tmp_path_factory.mktemp("stage1") / "g.safetensors", g, sd.unet.config))
+
+
 @pytest.mark.parametrize("stage", [1, 2])
-def test_loss_and_gradients_match_pytorch(folders, tmp_path, stage):
+def test_loss_and_gradients_match_pytorch(folders, stage1_mapper, stage):
   root = folders[0]
-  over = {}
-  if stage == 2:  # a stage-1 mapper to freeze: a fresh one, exported
-    sd1, mcfg1, _ = program_lib.load_models(_config(root, 1))
-    g = MapperBundle(kv=concept.kv_from_unet(sd1.params["unet"], sd1.unet.config, "global"),
-                     mlp=concept.init_mlp(mcfg1, "global", jax.random.PRNGKey(3)), config=mcfg1, kind="global")
-    save_mapper(tmp_path / "g.safetensors", g, sd1.unet.config)
-    over["global_mapper"] = str(tmp_path / "g.safetensors")
-  cfg = _config(root, stage, **over)
+  cfg = _config(root, stage, **({"global_mapper": stage1_mapper} if stage == 2 else {}))
   sd, mcfg, global_mapper = program_lib.load_models(cfg)
   kind = program_lib.KIND[stage]
   trainable = MapperBundle(kv=jax.tree.map(jnp.asarray, concept.kv_from_unet(sd.params["unet"], sd.unet.config, kind)),
@@ -197,6 +199,10 @@ def test_config_errors(folders):
     program_lib.load_models(_config(root, 1, **{"mapper.tapped_layers": (30, 4)}))
   with pytest.raises(InputError, match="mesh"):
     sharding.make_mesh(data=3, fsdp=1, tensor=1)
+  with pytest.raises(InputError, match="config.matmul_precision"):
+    config_lib.validate(_config(root, 1, matmul_precision="fastest"))
+  with pytest.raises(InputError, match="config.init_local_mapper"):
+    config_lib.validate(_config(root, 1, init_local_mapper="x.pt"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,3 +267,58 @@ def test_remat_and_mixed_precision(folders):
                               mesh, 1)
   assert abs(bf16[0]["loss"] - base[0]["loss"]) < 0.05 * abs(base[0]["loss"])
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))  # float32 master weights
+
+
+def test_stage2_w0_group_does_not_follow_the_mesh(folders, stage1_mapper):
+  """Stage 2's w0-map max spans config.quirks.w0_max_group samples, whatever the mesh: 1 device = 8 devices."""
+  cfg = _config(folders[0], 2, batch_size=16, global_mapper=stage1_mapper)
+  _, one, _ = _run_steps(cfg, sharding.make_mesh(devices=jax.devices()[:1]), 1, stage=2)
+  _, eight, _ = _run_steps(cfg, sharding.make_mesh(data=8), 1, stage=2)
+  for k in ("loss", "loss_mle", "loss_reg", "grad_norm"):
+    assert abs(one[0][k] - eight[0][k]) < 2e-5 * abs(one[0][k]), k
+  _, per_sample, _ = _run_steps(_config(folders[0], 2, batch_size=16, global_mapper=stage1_mapper,
+                                        **{"quirks.w0_max_group": 1}), sharding.make_mesh(data=8), 1, stage=2)
+  assert abs(per_sample[0]["loss"] - one[0]["loss"]) > 1e-4 * abs(one[0]["loss"])  # the group is really used
+  with pytest.raises(InputError, match="w0_max_group=4 does not divide the per-device micro-batch 2"):
+    program_lib.build(_config(folders[0], 2, batch_size=16, global_mapper=stage1_mapper,
+                              **{"quirks.w0_max_group": 4}), sharding.make_mesh(data=8))
+
+
+def test_warm_start_from_a_mapper_file(folders, stage1_mapper):
+  """config.init_global_mapper: the state starts as the file's mapper, and the first step's loss is that mapper's."""
+  cfg = _config(folders[0], 1, init_global_mapper=stage1_mapper)
+  program = program_lib.build(cfg, sharding.make_mesh(devices=jax.devices()[:1]))
+  state = program.init_state()
+  loaded = load_mapper(stage1_mapper, program.sd.unet.config, "global")
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), loaded)
+  batch = _batch(1, b=cfg.batch_size, vocab=program.sd.text_encoder.config.vocab_size)
+  _, metrics = program.step(state, program.frozen, program.global_batch(batch))
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0), 0)  # step 0, micro-batch 0
+  want, _ = losses.stage1_loss(jax.tree.map(jnp.asarray, loaded), program.frozen,
+                               {k: jnp.asarray(v) for k, v in batch.items()}, key, sd=program.sd,
+                               reg_weight=cfg.reg_weight)
+  assert abs(float(metrics["loss"]) - float(want)) < 1e-6 * abs(float(want))
+  with pytest.raises(InputError, match="does not fit config.mapper: hidden_dim 24 \\(file\\) vs 48"):
+    program_lib.build(_config(folders[0], 1, init_global_mapper=stage1_mapper, **{"mapper.hidden_dim": 48}),
+                      sharding.make_mesh(devices=jax.devices()[:1]))
+
+
+def test_matmul_precision_reaches_the_step(folders):
+  """config.matmul_precision is in the compiled step (XLA:CPU computes float32 in full precision either way)."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  texts = {}
+  for precision in ("highest", "default"):
+    program = program_lib.build(_config(folders[0], 1, matmul_precision=precision), mesh)
+    texts[precision] = program.step.lower(program.abstract_state(), program.frozen, program.abstract_batch()).as_text()
+  assert texts["highest"].count("HIGHEST") > 50 and "HIGHEST" not in texts["default"]
+
+
+def test_step_memory_known_before_training(folders):
+  program = program_lib.build(_config(folders[0], 1), sharding.make_mesh(devices=jax.devices()[:1]))
+  compiled, stats = program.compile()
+  assert stats["flops"] > 1e8 and stats["bytes_per_device"] > 0
+  assert stats["bytes_per_device"] == (stats["argument_bytes"] + stats["output_bytes"] + stats["temp_bytes"]
+                                       - stats["alias_bytes"])
+  state, metrics = compiled(program.init_state(), program.frozen,
+                            program.global_batch(_batch(1, b=4, vocab=program.sd.text_encoder.config.vocab_size)))
+  assert np.isfinite(float(metrics["loss"]))

@@ -1,25 +1,29 @@
 """Per-host training batches from prepared TFDS records, with grain: shuffled, sharded, augmented, resumable.
 
-The sample stream is a pure function of the seed:
+The sample stream is a pure function of the seed, the same whatever the number of hosts:
 
-- Global position g = 0, 1, 2, ... (infinite). Epoch ``g // N`` is a permutation of the N records drawn by grain's
-  index shuffle with a per-epoch seed, so every epoch has another order.
-- Host ``h`` of ``P`` reads the positions ``g = h + P * i`` (i = 0, 1, ...): hosts never overlap and together read
-  everything. Only the records at those positions are read (random access through ``tfds.data_source``).
-- Sample ``g``'s augmentation draws from ``np.random.default_rng([seed, g])``, so it does not depend on worker count,
-  thread count or host count.
-- A record that fails to read, decode or transform is skipped (logged, counted in ``Loader.skipped``); its batch is
-  filled from the following positions. No sample of zeros is ever made (the official loader returns zeros).
+- Global slot t = 0, 1, 2, ... (infinite): sample t of the whole run. Its record is position t of the epoch-wise
+  shuffle (epoch ``t // N`` is a permutation of the N records drawn by grain's index shuffle with a per-epoch seed,
+  so every epoch has another order), and its augmentation draws from ``np.random.default_rng([seed, t])``: neither
+  depends on worker, thread or host count.
+- Step s takes slots ``[s * B, (s + 1) * B)`` for a global batch B, laid out as ``micro_batches`` micro-batches of
+  ``B / micro_batches`` consecutive slots. Host ``h`` of ``P`` reads, of each micro-batch, the h-th of P equal
+  contiguous parts, so concatenating the hosts' batches in process order gives exactly the single-host batch: a run
+  on P hosts computes what a run on one host does (and resumes onto another host count). Hosts never overlap and
+  together read everything; only the records of a host's slots are read (random access through
+  ``tfds.data_source``).
+- A record that fails to read, decode or transform is skipped (logged, counted in ``Loader.skipped``) and its slot
+  takes a substitute record drawn from ``[seed, t, attempt]``: the rest of the stream does not move. No sample of
+  zeros is ever made (the official loader returns zeros).
 
 Batches are dicts of numpy arrays with a leading per-host batch axis; see ``augment`` for the keys, plus ``record``
 (int32, the record's index in the split, for tracing). The state is JSON (``Loader.get_state``):
 
-  {"format": "elite_jax.loader/1", "position": i, "skipped": n,
-   "seed": s, "process_index": h, "process_count": P, "num_records": N, "stage": 1|2}
+  {"format": "elite_jax.loader/2", "slots": t, "skipped": n, "seed": s, "num_records": N, "stage": 1|2}
 
-``position`` is the number of this host's positions consumed (batches and skipped records); the rest identifies the
-stream, and ``set_state`` refuses a state of another stream. Worker and thread counts and the batch size may change
-across a restore.
+``slots`` is the number of global slots consumed (the next batch starts at slot t); ``skipped`` this host's count
+(the training loop stores the sum over hosts); the rest identifies the stream, and ``set_state`` refuses a state of
+another stream. Worker and thread counts, the batch size and the host count may change across a restore.
 """
 
 from __future__ import annotations
@@ -39,43 +43,75 @@ from elite_jax.data.openimages import OpenImagesElite  # noqa: F401 - registers 
 from elite_jax.errors import InputError
 
 log = logging.getLogger("elite_jax.data")
+_ENDLESS = 2 ** 62  # the per-host sample stream is infinite (epochs repeat)
 
-STATE_FORMAT = "elite_jax.loader/1"
-MAX_CONSECUTIVE_SKIPS = 1000  # then the data is broken, not a record: raise rather than spin
+STATE_FORMAT = "elite_jax.loader/2"
+MAX_CONSECUTIVE_SKIPS = 1000  # records failing in a row for one slot: then the data is broken, not a record
 
 
 @dataclasses.dataclass(frozen=True)
-class Skipped:
-  """What a failed sample becomes in the stream (the loader drops and counts it)."""
+class Layout:
+  """Which global slot each of a host's samples is (see the module docstring)."""
 
-  record: int
-  position: int
-  error: str
+  batch_size: int  # per host
+  micro_batches: int
+  process_index: int
+  process_count: int
+  start: int = 0  # the first slot of this stream (a restored state's ``slots``)
+
+  def slot(self, i: int) -> int:
+    """The global slot of this host's i-th sample."""
+    step, r = divmod(i, self.batch_size)
+    m = self.batch_size // self.micro_batches  # this host's part of a micro-batch
+    micro, j = divmod(r, m)
+    global_batch = self.batch_size * self.process_count
+    return self.start + step * global_batch + micro * m * self.process_count + self.process_index * m + j
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """A slot's example and the records that failed before it (the loader logs and counts them)."""
+
+  example: dict[str, np.ndarray]
+  failures: tuple[tuple[int, str], ...]
 
 
 class SampleFn:
-  """grain ``map_with_index`` function: (global position, record index) -> example dict or ``Skipped``.
+  """grain ``map`` function: this host's sample index -> ``Sample`` of its global slot.
 
   A plain picklable object, so that grain's worker processes can run it.
   """
 
-  def __init__(self, source, stage: int, prompts: augment.Prompts, resolution: int, seed: int):
-    self.source, self.stage, self.prompts, self.resolution, self.seed = source, stage, prompts, resolution, seed
+  def __init__(self, source, order, layout: Layout, stage: int, prompts: augment.Prompts, resolution: int,
+               seed: int):
+    self.source, self.order, self.layout = source, order, layout
+    self.stage, self.prompts, self.resolution, self.seed = stage, prompts, resolution, seed
 
-  def __call__(self, position: int, record_index: int) -> dict[str, np.ndarray] | Skipped:
-    try:
-      record = self.source[int(record_index)]
-      rng = np.random.default_rng([self.seed, int(position)])
-      crop = records.decode_png(record["image"], 3)
-      if self.stage == 1:
-        example = augment.stage1_example(crop, rng, self.prompts, self.resolution)
-      else:
-        mask = records.decode_png(record["mask"], 1)
-        if mask.shape != crop.shape[:2]:
-          raise ValueError(f"mask {mask.shape} and image {crop.shape[:2]} differ in size")
-        example = augment.stage2_example(crop, mask, record["box"], rng, self.prompts, self.resolution)
-    except Exception as e:  # noqa: BLE001 - any failure of one record must not stop training
-      return Skipped(int(record_index), int(position), f"{type(e).__name__}: {e}")
+  def __call__(self, i: int) -> Sample:
+    slot = self.layout.slot(int(i))
+    record_index = int(self.order[slot])
+    failures = []
+    for attempt in range(MAX_CONSECUTIVE_SKIPS):
+      try:
+        return Sample(self._example(slot, attempt, record_index), tuple(failures))
+      except Exception as e:  # noqa: BLE001 - any failure of one record must not stop training
+        failures.append((record_index, f"{type(e).__name__}: {e}"))
+        # the substitute depends on the slot alone, so the other slots (and hosts) are untouched
+        record_index = int(np.random.default_rng([self.seed, slot, attempt + 1, 0x5B]).integers(len(self.source)))
+    raise RuntimeError(f"{len(failures)} records in a row failed (last: record {failures[-1][0]}: "
+                       f"{failures[-1][1]}); the data or the loader configuration is broken")
+
+  def _example(self, slot: int, attempt: int, record_index: int) -> dict[str, np.ndarray]:
+    record = self.source[record_index]
+    rng = np.random.default_rng([self.seed, slot] if attempt == 0 else [self.seed, slot, attempt])
+    crop = records.decode_png(record["image"], 3)
+    if self.stage == 1:
+      example = augment.stage1_example(crop, rng, self.prompts, self.resolution)
+    else:
+      mask = records.decode_png(record["mask"], 1)
+      if mask.shape != crop.shape[:2]:
+        raise ValueError(f"mask {mask.shape} and image {crop.shape[:2]} differ in size")
+      example = augment.stage2_example(crop, mask, record["box"], rng, self.prompts, self.resolution)
     example["record"] = np.int32(record_index)
     return example
 
@@ -83,30 +119,28 @@ class SampleFn:
 class Loader:
   """Iterator of per-host batches with ``get_state`` / ``set_state`` (see the module docstring)."""
 
-  def __init__(self, source, sample_fn: SampleFn, *, batch_size: int, seed: int, process_index: int,
-               process_count: int, worker_count: int, read_threads: int):
+  def __init__(self, source, sample_fn: SampleFn, *, seed: int, worker_count: int, read_threads: int):
     self._sample_fn = sample_fn
-    self.batch_size, self.seed = batch_size, seed
-    self.process_index, self.process_count = process_index, process_count
+    self.seed = seed
     self._worker_count, self._read_threads = worker_count, read_threads
     self.num_records = len(source)
-    self.position = 0  # this host's positions consumed
-    self.skipped = 0  # records skipped since the start of training (restored with the state)
+    self.position = 0  # this host's samples consumed since the layout's start slot
+    self.skipped = 0  # records this host skipped (restored with the state on process 0)
     self._iterator = None
+
+  @property
+  def layout(self) -> Layout:
+    return self._sample_fn.layout
+
+  @property
+  def batch_size(self) -> int:
+    return self.layout.batch_size
 
   # -- the stream ------------------------------------------------------------------------------------------------------
 
-  def _dataset(self) -> grain.MapDataset:
-    # grain's shuffle seeds epoch e with seed + e; hash the user seed first so that seeds s and s+1 do not share
-    # their permutations one epoch apart.
-    shuffle_seed = int(np.random.SeedSequence([self.seed, 0x5EED]).generate_state(1)[0])
-    ds = grain.MapDataset.range(self.num_records).shuffle(seed=shuffle_seed).repeat(None)
-    ds = ds.map_with_index(self._sample_fn)  # the index here is the global position g
-    return ds[self.process_index::self.process_count]
-
   def _start(self) -> None:
     self.close()
-    ds = self._dataset()[self.position:]
+    ds = grain.MapDataset.range(self.position, _ENDLESS).map(self._sample_fn)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._read_threads,
                                               prefetch_buffer_size=max(2 * self.batch_size, self._read_threads)))
     if self._worker_count > 0:
@@ -122,21 +156,14 @@ class Loader:
   def __next__(self) -> dict[str, np.ndarray]:
     if self._iterator is None:
       self._start()
-    examples, consecutive = [], 0
-    while len(examples) < self.batch_size:
-      item = next(self._iterator)
+    examples = []
+    for _ in range(self.batch_size):
+      sample = next(self._iterator)
       self.position += 1
-      if isinstance(item, Skipped):
+      for record, error in sample.failures:
         self.skipped += 1
-        consecutive += 1
-        log.warning("skipping record %d (position %d): %s [%d skipped so far]", item.record, item.position,
-                    item.error, self.skipped)
-        if consecutive >= MAX_CONSECUTIVE_SKIPS:
-          raise RuntimeError(f"{consecutive} records in a row failed (last: record {item.record}: {item.error}); "
-                             f"the data or the loader configuration is broken")
-        continue
-      consecutive = 0
-      examples.append(item)
+        log.warning("skipping record %d: %s [%d skipped so far on this host]", record, error, self.skipped)
+      examples.append(sample.example)
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
   def close(self) -> None:
@@ -156,23 +183,29 @@ class Loader:
   # -- checkpointing ---------------------------------------------------------------------------------------------------
 
   def _identity(self) -> dict:
-    return {"seed": self.seed, "process_index": self.process_index, "process_count": self.process_count,
-            "num_records": self.num_records, "stage": self._sample_fn.stage}
+    return {"seed": self.seed, "num_records": self.num_records, "stage": self._sample_fn.stage}
 
   def get_state(self) -> dict:
-    """JSON-serialisable position of the stream (see the module docstring)."""
-    return {"format": STATE_FORMAT, "position": self.position, "skipped": self.skipped, **self._identity()}
+    """JSON-serialisable position of the stream (see the module docstring); taken between batches."""
+    layout = self.layout
+    slots = layout.start + (self.position // layout.batch_size) * layout.batch_size * layout.process_count
+    return {"format": STATE_FORMAT, "slots": slots, "skipped": self.skipped, **self._identity()}
 
   def set_state(self, state: dict) -> None:
-    """Resumes exactly where ``get_state`` was taken (the next batch is the one that would have followed)."""
+    """Resumes exactly where ``get_state`` was taken (the next batch is the one that would have followed), on this
+    host's part of the stream; the count of skipped records goes to process 0."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
       raise InputError(f"not a loader state of format {STATE_FORMAT!r}: {state!r}")
     differ = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
     if differ:
       raise InputError("the loader state is of another data stream: "
                        + ", ".join(f"{k} {a!r} (state) vs {b!r} (loader)" for k, (a, b) in differ.items()))
-    self.position, self.skipped = int(state["position"]), int(state["skipped"])
     self.close()
+    fn = self._sample_fn
+    self._sample_fn = SampleFn(fn.source, fn.order, dataclasses.replace(fn.layout, start=int(state["slots"])),
+                               fn.stage, fn.prompts, fn.resolution, fn.seed)
+    self.position = 0
+    self.skipped = int(state["skipped"]) if fn.layout.process_index == 0 else 0
 
 
 def make_loader(
@@ -186,6 +219,7 @@ def make_loader(
     seed: int = 0,
     placeholder: str = "S",
     placeholder_index: str = "whitespace",
+    micro_batches: int = 1,
     process_index: int | None = None,
     process_count: int | None = None,
     worker_count: int = 0,
@@ -198,12 +232,14 @@ def make_loader(
     dataset: a prepared builder (``openimages.build``, ``folder.build``) or its name, e.g.
       ``"open_images_elite/stage2"``, read from ``data_dir``.
     tokenizer: the CLIP tokenizer (used once, here, for the 27 templates x captions).
-    batch_size: examples per batch on this host.
+    batch_size: examples per batch on this host (the global batch is ``batch_size * process_count``).
     stage: 1 or 2; by default the dataset's config (``stage1``/``stage2``), which it must match.
     resolution: side of ``pixel_values`` (512 officially), a multiple of 8.
     seed: the stream's seed (order and augmentation).
     placeholder, placeholder_index: the concept word and where its index comes from, "whitespace" (official) or
       "token" (see ``augment.make_prompts``).
+    micro_batches: how many micro-batches (gradient accumulation) a batch is cut into; it must divide
+      ``batch_size``. It decides which slots each host reads, so that every host count gives the same global batch.
     process_index, process_count: this host's shard; default ``jax.process_index()`` / ``jax.process_count()``.
     worker_count: grain worker processes (0: threads in this process only).
     read_threads: grain threads reading and transforming records (per process).
@@ -226,6 +262,8 @@ def make_loader(
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise InputError(f"process_index {process_index} is not in [0, process_count={process_count})")
+  if not isinstance(micro_batches, int) or micro_batches < 1 or batch_size % micro_batches:
+    raise InputError(f"micro_batches must be a positive divisor of the batch size {batch_size}, got {micro_batches!r}")
   if worker_count < 0 or read_threads < 1:
     raise InputError(f"worker_count must be >= 0 and read_threads >= 1, got {worker_count}, {read_threads}")
   decoders = {k: tfds.decode.SkipDecoding() for k in ("image", "mask") if k in builder.info.features}
@@ -233,9 +271,13 @@ def make_loader(
   if len(source) == 0:
     raise InputError(f"the dataset {builder.name}/{builder.builder_config.name} ({split}) has no examples")
   prompts = augment.make_prompts(tokenizer, stage, placeholder, placeholder_index)
-  sample_fn = SampleFn(source, stage, prompts, resolution, seed)
-  return Loader(source, sample_fn, batch_size=batch_size, seed=seed, process_index=process_index,
-                process_count=process_count, worker_count=worker_count, read_threads=read_threads)
+  # grain's shuffle seeds epoch e with seed + e; hash the user seed first so that seeds s and s+1 do not share
+  # their permutations one epoch apart.
+  shuffle_seed = int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
+  order = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat(None)
+  layout = Layout(batch_size, micro_batches, process_index, process_count)
+  sample_fn = SampleFn(source, order, layout, stage, prompts, resolution, seed)
+  return Loader(source, sample_fn, seed=seed, worker_count=worker_count, read_threads=read_threads)
 
 
 def _builder(dataset: tfds.core.DatasetBuilder | str, data_dir: str | os.PathLike | None) -> tfds.core.DatasetBuilder:

@@ -6,6 +6,8 @@ value into an InputError that names the key, before anything is loaded.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from elite_jax.errors import InputError
@@ -13,6 +15,7 @@ from elite_jax.models.attention import IMPLEMENTATIONS
 from elite_jax.types import DTYPES
 
 STAGES = (1, 2)
+MATMUL_PRECISIONS = ("highest", "high", "default")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -22,6 +25,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.pretrained = "CompVis/stable-diffusion-v1-4"
   c.image_encoder = "openai/clip-vit-large-patch14"
   c.global_mapper = ""  # stage 2: the stage-1 mapper (.safetensors export or official .pt)
+  # Warm starts (the official --global_mapper_path / --local_mapper_path): the trained mapper's MLPs and K/V start
+  # from this file (official .pt or our .safetensors) instead of PyTorch's init and SD's K/V.
+  c.init_global_mapper = ""  # stage 1
+  c.init_local_mapper = ""  # stage 2
   c.mapper = ml_collections.ConfigDict(dict(hidden_dim=1024, depth=2, tapped_layers=(24, 4, 8, 12, 16)))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -46,7 +53,10 @@ def defaults() -> ml_collections.ConfigDict:
 
   # Official quirks, reproduced by default (spec 11).
   c.quirks = ml_collections.ConfigDict(dict(
-      max_over_device_batch=True,  # stage 2: one w0-map max per device micro-batch (False: per sample)
+      # stage 2: how many consecutive samples share one w0-map max. The official code takes it over its per-GPU
+      # batch of 2 (train_local.py:120); 1 is per sample (the fix). Independent of the mesh; it must divide the
+      # per-device micro-batch.
+      w0_max_group=2,
       stage2_loss_sum_channels=True,  # stage 2: 4x the per-element masked MSE (False: the mean)
   ))
 
@@ -57,13 +67,34 @@ def defaults() -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"
   c.remat = False
   c.attention_impl = "auto"  # the attention kernel (elite_jax/models/attention.py): auto, xla, cudnn, cpu, pallas
-  c.multihost = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
+  # Matmul precision in the train step. "highest": float32 matmuls are true float32 on GPUs and TPUs (their default
+  # takes TF32 / bfloat16 passes), as the official V100 run; "default" trades that for speed. XLA:CPU computes
+  # float32 in full either way.
+  c.matmul_precision = "highest"
+  c.memory_limit_gb = 0.0  # stop before training if the compiled step needs more per device (0: the device's own)
+
+  # Several hosts (TPU pods, multi-node GPU, elite-launch): every host runs the same command.
+  c.multihost = False  # join the other processes (elite_jax/train/hosts.py)
+  c.distributed = ml_collections.ConfigDict(dict(
+      heartbeat_timeout=100,  # s: JAX's runtime aborts the other hosts this long after one died
+      peer_timeout=60,  # s: our watchdog stops them sooner, with one line and exit code 3
+  ))
 
   # Checkpoints and logs.
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.async_checkpoint = True
   c.log_every = 50
+  c.export_every = 0  # also export the mapper to WORKDIR/mappers/ every this many steps (0: only at the end)
+  c.export_official = False  # those exports in the official .pt layout too
+
+  # Sample images during training (the official code samples every 200 steps): a fixed photo, prompts and initial
+  # latents -> WORKDIR/samples/step_N.png and TensorBoard.
+  c.samples = ml_collections.ConfigDict(dict(
+      every=0,  # steps; 0: never
+      image="", mask="",  # the concept photo and its (optional) mask
+      prompts=("a photo of a S", "a S on the beach"),
+      steps=20, scheduler="ddim", guidance=5.0, lam=0.8, seed=0))
   return c
 
 
@@ -81,6 +112,7 @@ def tiny(c: ml_collections.ConfigDict, photos: str) -> ml_collections.ConfigDict
   c.num_train_steps = 20
   c.checkpoint_every = 10
   c.log_every = 1
+  c.samples.image = os.path.join(photos, "00.jpg") if os.path.isfile(os.path.join(photos, "00.jpg")) else ""
   return c
 
 
@@ -108,6 +140,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.frozen_dtype in DTYPES, "frozen_dtype", f"one of {tuple(DTYPES)}")
   need(c.compute_dtype in DTYPES, "compute_dtype", f"one of {tuple(DTYPES)}")
   need(c.attention_impl in IMPLEMENTATIONS, "attention_impl", f"one of {IMPLEMENTATIONS}")
+  need(c.matmul_precision in MATMUL_PRECISIONS, "matmul_precision", f"one of {MATMUL_PRECISIONS}")
+  need(c.memory_limit_gb >= 0, "memory_limit_gb", "must be >= 0 (0: the device's own)")
+  need(c.quirks.w0_max_group >= 1, "quirks.w0_max_group", "must be >= 1 (1: per sample)")
+  need(c.distributed.peer_timeout > 0 and c.distributed.heartbeat_timeout > c.distributed.peer_timeout,
+       "distributed.peer_timeout", "must be > 0 and below distributed.heartbeat_timeout (so that it acts first)")
+  need(c.export_every >= 0, "export_every", "must be >= 0")
+  need(c.samples.every >= 0, "samples.every", "must be >= 0")
+  need(not c.samples.every or bool(c.samples.image), "samples.image", "samples.every needs a concept photo")
+  need(not c.samples.every or len(c.samples.prompts) >= 1, "samples.prompts", "samples.every needs prompts")
+  need(not c.init_local_mapper or c.stage == 2, "init_local_mapper", "is a stage-2 setting")
+  need(not c.init_global_mapper or c.stage == 1, "init_global_mapper", "is a stage-1 setting (stage 2 freezes "
+                                                                      "config.global_mapper)")
   need(c.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
   need(c.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
   need(c.log_every >= 1, "log_every", "must be >= 1")

@@ -1,10 +1,10 @@
-"""The training loop: mesh, the training program, data, checkpoints, logs, preemption.
+"""The training loop: hosts, mesh, the training program, data, checkpoints, logs, samples, preemption.
 
     train(config, workdir)
 
 Rerunning on a workdir that holds checkpoints resumes from the latest one: state, optimizer, RNG and data position,
-so N steps + resume to 2N equals 2N steps straight. SIGTERM saves and exits cleanly; a non-finite loss stops the run
-before it can reach a checkpoint.
+so N steps + resume to 2N equals 2N steps straight, on any number of hosts and any mesh. SIGTERM (to every host)
+saves and exits cleanly; a non-finite loss stops the run before it can reach a checkpoint.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from elite_jax import data, sharding
 from elite_jax.errors import InputError
-from elite_jax.train import checkpoint, config as config_lib
+from elite_jax.train import checkpoint, config as config_lib, hosts
 from elite_jax.train.program import TrainProgram, TrainState, build
+from elite_jax.train.samples import SampleGrid
 from elite_jax.weights.mapper_files import save_mapper
 
 
@@ -57,17 +58,20 @@ class _Preemption:
 
 
 class MetricsLog:
-  """WORKDIR/metrics.jsonl (one JSON object per logged step) and TensorBoard events under WORKDIR/tb."""
+  """WORKDIR/metrics.jsonl (one JSON object per logged step) and TensorBoard events under WORKDIR/tb; process 0."""
 
   def __init__(self, workdir: Path, resume_step: int):
     self.path = workdir / "metrics.jsonl"
+    self.tb = None
+    if jax.process_index() != 0:
+      return
     if self.path.exists():  # keep the history up to the restored step, so a resumed run's log reads straight
       kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
       self.path.write_text("".join(l + "\n" for l in kept))
-    self.tb = SummaryWriter(str(workdir / "tb")) if jax.process_index() == 0 else None
+    self.tb = SummaryWriter(str(workdir / "tb"))
 
   def write(self, record: dict) -> None:
-    if jax.process_index() != 0:
+    if self.tb is None:
       return
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
@@ -75,6 +79,11 @@ class MetricsLog:
       if k != "step" and isinstance(v, (int, float)):
         self.tb.add_scalar(k, v, record["step"])
     self.tb.flush()
+
+  def image(self, tag: str, image: np.ndarray, step: int) -> None:
+    if self.tb is not None:
+      self.tb.add_image(tag, image, step, dataformats="HWC")
+      self.tb.flush()
 
   def close(self) -> None:
     if self.tb is not None:
@@ -84,14 +93,22 @@ class MetricsLog:
 def train(cfg, workdir: str | os.PathLike) -> dict:
   """Run (or resume) training; returns the last logged metrics."""
   config_lib.validate(cfg)
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  hosts.check_single(cfg)
   if cfg.multihost:
-    jax.distributed.initialize()
+    hosts.initialize(heartbeat_timeout=int(cfg.distributed.heartbeat_timeout))
+  with hosts.Watchdog(cfg.distributed.peer_timeout):
+    return _train(cfg, Path(workdir))
+
+
+def _train(cfg, workdir: Path) -> dict:
+  workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(**cfg.mesh)
-  if cfg.batch_size % jax.process_count():
-    raise InputError(f"config.batch_size={cfg.batch_size} does not split over {jax.process_count()} hosts")
+  if cfg.batch_size % jax.process_count() or (cfg.batch_size // cfg.grad_accum) % jax.process_count():
+    raise InputError(f"config.batch_size={cfg.batch_size} (/ grad_accum {cfg.grad_accum}) does not split over "
+                     f"{jax.process_count()} hosts")
   program = build(cfg, mesh)
+  step_fn = _compiled_step(program)
+  samples = SampleGrid(program, workdir) if cfg.samples.every else None
 
   ckpt = checkpoint.Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
                                  async_save=cfg.async_checkpoint)
@@ -102,7 +119,7 @@ def train(cfg, workdir: str | os.PathLike) -> dict:
     state = program.init_state()
   else:
     state, data_state = ckpt.restore(start, program.abstract_state(), config_dict)
-    print(f"resumed from step {start} in {workdir}", file=sys.stderr)
+    _note(f"resumed from step {start} in {workdir}")
   start = int(start or 0)
   loader = _make_loader(cfg, program, workdir, data_state)
 
@@ -118,39 +135,79 @@ def train(cfg, workdir: str | os.PathLike) -> dict:
                               f"{workdir / 'checkpoints'} is the last good state)")
       pending.clear()
 
+  def data_state_now() -> dict:  # the stream's position, with the skipped records of every host
+    return {**loader.get_state(), "skipped": hosts.total(loader.skipped)}
+
   last: dict[str, Any] = {}
   t0, n0 = time.perf_counter(), start
   with _Preemption() as preempt, tqdm(total=cfg.num_train_steps, initial=start, desc=f"stage {cfg.stage}",
                                       disable=jax.process_index() != 0) as bar:
     try:
       for step in range(start, cfg.num_train_steps):
-        state, metrics = program.step(state, program.frozen, program.global_batch(next(loader)))
+        state, metrics = step_fn(state, program.frozen, program.global_batch(next(loader)))
         done = step + 1
         pending.append((done, metrics["loss"]))
         bar.update(1)
+        stop = hosts.any_host(preempt.requested)  # every host saves the same step
         if done % cfg.log_every == 0 or done == cfg.num_train_steps:
           check_finite()
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
           elapsed = time.perf_counter() - t0
           last = {"step": done, **m, "learning_rate": float(program.schedule(step)),
                   "samples_per_sec": (done - n0) * cfg.batch_size / max(elapsed, 1e-9),
-                  "skipped_records": int(loader.skipped)}
+                  "skipped_records": hosts.total(loader.skipped)}
           log.write(last)
           bar.set_postfix(loss=f"{m['loss']:.4f}")
           t0, n0 = time.perf_counter(), done
-        if done % cfg.checkpoint_every == 0 or done == cfg.num_train_steps or preempt.requested:
+        if samples is not None and done % cfg.samples.every == 0:
           check_finite()
-          ckpt.save(done, state, loader.get_state(), config_dict, force=True)
-        if preempt.requested:
+          grid = samples(done, state)
+          if grid is not None:
+            log.image("samples", grid, done)
+        if cfg.export_every and done % cfg.export_every == 0 and done != cfg.num_train_steps:
+          check_finite()
+          _export(program, state, workdir / "mappers", f"_{done:07d}", official=cfg.export_official)
+        if done % cfg.checkpoint_every == 0 or done == cfg.num_train_steps or stop:
+          check_finite()
+          ckpt.save(done, state, data_state_now(), config_dict, force=True)
+        if stop:
           ckpt.wait()
-          print(f"SIGTERM: saved step {done} in {workdir}; rerun the same command to resume", file=sys.stderr)
+          _note(f"SIGTERM: saved step {done} in {workdir}; rerun the same command to resume")
           return last
     finally:
       ckpt.wait()
       log.close()
-  _export(program, state, workdir)
+  _export(program, state, workdir, "", official=False)
   ckpt.close()
   return last
+
+
+def _compiled_step(program: TrainProgram):
+  """The step compiled ahead of time; its memory and FLOPs are printed, and a step that cannot fit stops the run."""
+  compiled, stats = program.compile()
+  need = stats.get("bytes_per_device")
+  limit = program.config.memory_limit_gb * 2 ** 30 or _device_memory()
+  if need is not None:
+    _note(f"train step: {need / 2 ** 30:.2f} GiB per device (arguments {stats['argument_bytes'] / 2 ** 30:.2f}, "
+          f"outputs {stats['output_bytes'] / 2 ** 30:.2f}, temporaries {stats['temp_bytes'] / 2 ** 30:.2f}, "
+          f"donated {stats['alias_bytes'] / 2 ** 30:.2f}), {stats['flops'] / 1e9:.1f} GFLOP"
+          + (f"; the device has {limit / 2 ** 30:.2f} GiB" if limit else ""))
+    if limit and need > limit:
+      raise InputError(f"the train step needs {need / 2 ** 30:.2f} GiB per device but {limit / 2 ** 30:.2f} GiB are "
+                       f"available: lower config.batch_size or raise config.grad_accum, set config.remat=True, "
+                       f"config.frozen_dtype='bfloat16' or config.shard_frozen=True, or use more devices")
+  return compiled
+
+
+def _device_memory() -> int:
+  """Bytes one device holds, where the backend says (GPUs, TPUs); 0 where it does not (CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return int(stats.get("bytes_limit", 0))
+
+
+def _note(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _make_loader(cfg, program: TrainProgram, workdir: Path, data_state):
@@ -165,7 +222,7 @@ def _make_loader(cfg, program: TrainProgram, workdir: Path, data_state):
   if jax.process_index() != 0:
     builder = data.prepare(cfg.data.builder, cfg.data.manual_dir, data_dir, cfg.stage)
   it = data.make_loader(builder, tokenizer=program.sd.tokenizer, batch_size=cfg.batch_size // jax.process_count(),
-                        stage=cfg.stage, resolution=cfg.data.resolution, seed=cfg.seed,
+                        micro_batches=cfg.grad_accum, stage=cfg.stage, resolution=cfg.data.resolution, seed=cfg.seed,
                         placeholder=cfg.data.placeholder, placeholder_index=cfg.data.placeholder_index,
                         worker_count=cfg.data.workers)
   if data_state is not None:
@@ -173,11 +230,12 @@ def _make_loader(cfg, program: TrainProgram, workdir: Path, data_state):
   return it
 
 
-def _export(program: TrainProgram, state: TrainState, workdir: Path) -> Path:
-  """The finished mapper as WORKDIR/{global,local}_mapper.safetensors, loadable by infer.py."""
-  params = jax.device_get(state.params)
-  path = workdir / f"{program.kind}_mapper.safetensors"
-  if jax.process_index() == 0:
-    save_mapper(path, params, program.sd.unet.config)
-    print(f"exported {path}", file=sys.stderr)
-  return path
+def _export(program: TrainProgram, state: TrainState, folder: Path, suffix: str, *, official: bool) -> None:
+  """The mapper as FOLDER/{global,local}_mapper{suffix}.safetensors (+ .pt, official), loadable by infer."""
+  params = hosts.fetch(state.params)  # a collective on several hosts: every host calls it
+  if jax.process_index() != 0:
+    return
+  folder.mkdir(parents=True, exist_ok=True)
+  for ext in (".safetensors", ".pt") if official else (".safetensors",):
+    path = save_mapper(folder / f"{program.kind}_mapper{suffix}{ext}", params, program.sd.unet.config)
+    _note(f"exported {path}")

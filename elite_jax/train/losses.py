@@ -6,7 +6,7 @@ Stage 2:  L = mean_b [sum_{c,h,w} (eps_theta - eps)^2 m / sum_{h,w} m] + reg_wei
 
 Official quirks reproduced by default, each with a switch in the config (``cfg.quirks``): the stage-2 loss is 4x the
 per-element masked MSE (channels summed, mask counted once: ``stage2_loss_sum_channels``), and the w0-map max couples
-the samples of each device's micro-batch (``max_over_device_batch``).
+groups of two samples (the official per-GPU batch; ``w0_max_group``).
 """
 
 from __future__ import annotations

@@ -86,6 +86,21 @@ def load_models(cfg) -> tuple[StableDiffusion, MapperConfig, MapperBundle | None
   return sd, mapper, global_mapper
 
 
+def load_warm_start(cfg, sd: StableDiffusion, mapper: MapperConfig) -> MapperBundle | None:
+  """The trained mapper's starting point from ``config.init_{global,local}_mapper``, if given (float32 numpy)."""
+  key = f"init_{KIND[cfg.stage]}_mapper"
+  path = cfg[key]
+  if not path:
+    return None
+  bundle = load_mapper(path, sd.unet.config, KIND[cfg.stage])
+  if bundle.config != mapper:
+    diffs = [f"{f} {getattr(bundle.config, f)!r} (file) vs {getattr(mapper, f)!r} (config)"
+             for f in ("input_dim", "hidden_dim", "output_dim", "depth", "tapped_layers")
+             if getattr(bundle.config, f) != getattr(mapper, f)]
+    raise InputError(f"config.{key} {path} does not fit config.mapper: " + "; ".join(diffs))
+  return bundle
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainProgram:
   """Everything one training run computes with, built by ``build``; the loop, the tests and the benchmark use it."""
@@ -100,28 +115,52 @@ class TrainProgram:
   state_shardings: TrainState
   batch_shardings: dict[str, NamedSharding]
   step: Callable  # jit(state, frozen, batch) -> (state, metrics); batch leaves are (grad_accum, micro_batch, ...)
-  kv_init: Params  # numpy float32 copies of SD's attn2 K/V, the K/V copies' starting point
+  kv_init: Params  # numpy float32: the K/V copies' starting point (SD's attn2 K/V, or a warm start's)
+  mlp_init: Params | None  # numpy float32 MLPs of a warm start; None: PyTorch's init
 
   @property
   def kind(self) -> str:
     return KIND[self.config.stage]
 
-  def _init(self, kv: Params) -> TrainState:
+  def _init(self, kv: Params, mlp: Params | None) -> TrainState:
     base = jax.random.PRNGKey(self.config.seed)
+    if mlp is None:
+      mlp = concept.init_mlp(self.mapper, self.kind, jax.random.fold_in(base, 1))
     params = MapperBundle(kv=jax.tree.map(lambda x: x.astype(jnp.float32), kv),
-                          mlp=concept.init_mlp(self.mapper, self.kind, jax.random.fold_in(base, 1)),
-                          config=self.mapper, kind=self.kind)
+                          mlp=jax.tree.map(lambda x: x.astype(jnp.float32), mlp), config=self.mapper, kind=self.kind)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params), rng=base)
 
   def init_state(self) -> TrainState:
-    """Fresh mapper MLPs (PyTorch init), K/V copies of SD's, optimizer state, placed on the mesh."""
-    return jax.jit(self._init, out_shardings=self.state_shardings)(self.kv_init)
+    """The mapper's MLPs (PyTorch's init, or the warm start's), its K/V (copies of SD's, or the warm start's),
+    optimizer state, placed on the mesh."""
+    return jax.jit(self._init, out_shardings=self.state_shardings)(self.kv_init, self.mlp_init)
 
   def abstract_state(self) -> TrainState:
     """The train state as ShapeDtypeStructs with their shardings (a restore target; nothing is allocated)."""
-    shapes = jax.eval_shape(self._init, self.kv_init)
+    shapes = jax.eval_shape(self._init, self.kv_init, self.mlp_init)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                         self.state_shardings)
+
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the step takes, as ShapeDtypeStructs with their shardings."""
+    cfg = self.config
+    spec = data.example_spec(cfg.stage, cfg.data.resolution)
+    micro = cfg.batch_size // cfg.grad_accum
+    return {k: jax.ShapeDtypeStruct((cfg.grad_accum, micro) + shape, dtype, sharding=self.batch_shardings[k])
+            for k, (shape, dtype) in spec.items()}
+
+  def compile(self) -> tuple[Callable, dict[str, float]]:
+    """The step compiled ahead of time, and what it needs: bytes per device (arguments, outputs and temporaries,
+    less what donation reuses) and FLOPs per step, from XLA's own analyses."""
+    compiled = self.step.lower(self.abstract_state(), self.frozen, self.abstract_batch()).compile()
+    mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    stats = {"flops": float((cost or {}).get("flops", 0.0))}
+    if mem is not None:
+      parts = {f: int(getattr(mem, f"{f}_size_in_bytes", 0)) for f in ("argument", "output", "temp", "alias")}
+      stats.update({f"{k}_bytes": v for k, v in parts.items()})
+      stats["bytes_per_device"] = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
+    return compiled, stats
 
   def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's (B_host, ...) numpy batch -> global (grad_accum, micro, ...) arrays on the mesh (other keys of
@@ -144,7 +183,8 @@ def build(cfg, mesh: Mesh) -> TrainProgram:
                      f"{sharding.batch_shards(mesh)} data shards of the mesh")
   sd, mapper, global_mapper = load_models(cfg)
   kind = KIND[cfg.stage]
-  kv_init = concept.kv_from_unet(sd.params["unet"], sd.unet.config, kind)
+  warm = load_warm_start(cfg, sd, mapper)
+  kv_init = warm.kv if warm is not None else concept.kv_from_unet(sd.params["unet"], sd.unet.config, kind)
 
   # Frozen trees, cast to frozen_dtype on the host and placed: replicated, or sharded by the rules table.
   host = dict(sd.params)
@@ -165,14 +205,19 @@ def build(cfg, mesh: Mesh) -> TrainProgram:
   spec = data.example_spec(cfg.stage, cfg.data.resolution)
   batch_sh = {k: NamedSharding(mesh, P(None, sharding.BATCH, *([None] * len(shape)))) for k, (shape, _) in
               spec.items()}
-  # The official w0-map max spans each GPU's micro-batch; False takes it per sample.
-  max_group = micro // sharding.batch_shards(mesh) if cfg.quirks.max_over_device_batch else 1
+  max_group = int(cfg.quirks.w0_max_group)
+  per_device = micro // sharding.batch_shards(mesh)
+  if cfg.stage == 2 and per_device % max_group:
+    raise InputError(f"config.quirks.w0_max_group={max_group} does not divide the per-device micro-batch "
+                     f"{per_device} (batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} / "
+                     f"{sharding.batch_shards(mesh)} data shards)")
   loss_fn = functools.partial(losses.LOSSES[cfg.stage], sd=sd, reg_weight=cfg.reg_weight, max_group=max_group,
                               sum_channels=cfg.quirks.stage2_loss_sum_channels)
-  step = _make_step(loss_fn, optimizer, cfg.grad_accum, mesh, state_sh, frozen_sh, batch_sh)
+  step = _make_step(loss_fn, optimizer, cfg.grad_accum, mesh, state_sh, frozen_sh, batch_sh, cfg.matmul_precision)
   return TrainProgram(config=cfg, mesh=mesh, sd=sd, mapper=mapper, frozen=frozen, frozen_shardings=frozen_sh,
                       optimizer=optimizer, schedule=lr_schedule(cfg), state_shardings=state_sh,
-                      batch_shardings=batch_sh, step=step, kv_init=kv_init)
+                      batch_shardings=batch_sh, step=step, kv_init=kv_init,
+                      mlp_init=None if warm is None else warm.mlp)
 
 
 def _state_shardings(abstract: MapperBundle, optimizer, mesh: Mesh) -> TrainState:
@@ -187,8 +232,12 @@ def _state_shardings(abstract: MapperBundle, optimizer, mesh: Mesh) -> TrainStat
 
 
 def _make_step(loss_fn, optimizer, grad_accum: int, mesh: Mesh, state_sh: TrainState, frozen_sh: Params,
-               batch_sh: dict) -> Callable:
+               batch_sh: dict, precision: str) -> Callable:
   def step(state: TrainState, frozen: Params, batch: dict) -> tuple[TrainState, dict]:
+    with jax.default_matmul_precision(precision):  # applies while tracing: to every matmul and conv of the step
+      return _step(state, frozen, batch)
+
+  def _step(state: TrainState, frozen: Params, batch: dict) -> tuple[TrainState, dict]:
     step_key = jax.random.fold_in(state.rng, state.step)
 
     def accumulate(carry, mb_batch):
