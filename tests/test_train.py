@@ -25,6 +25,7 @@ from elite_jax.eval.report import image_grid
 from elite_jax.pipeline import ElitePipeline
 from elite_jax.train import losses, loop
 from elite_jax.train.program import build
+from elite_jax.weights.mapper_files import load_mapper
 from tests import tiny_models
 from tests.openimages_fixture import write_openimages
 
@@ -221,7 +222,9 @@ def test_samples_and_periodic_exports(tmp_path):
   assert sorted(p.name for p in (workdir / "mappers").iterdir()) == ["global_mapper_0000002.pt",
                                                                      "global_mapper_0000002.safetensors"]
   grid = np.asarray(Image.open(workdir / "samples" / "step_0000002.png"))
-  pipe = ElitePipeline.from_random(global_mapper=workdir / "mappers" / "global_mapper_0000002.safetensors")
+  sd = tiny.stable_diffusion(seed=cfg.seed)  # the run's frozen models; stage 1 samples without a local mapper
+  pipe = ElitePipeline(sd, load_mapper(workdir / "mappers" / "global_mapper_0000002.safetensors", sd.unet.config,
+                                       "global"))
   opts = pipe.options(steps=2, scheduler="ddim", height=64, width=64, seed=0)
   images = pipe.generate(pipe.encode_concept(cfg.samples.image), list(cfg.samples.prompts), opts, progress=False)
   want = np.asarray(image_grid(list(images), len(images), 1, labels=list(cfg.samples.prompts)))
