@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
-
 from elite_jax import preprocess
 from elite_jax.cli import common
 from elite_jax.errors import InputError
+from elite_jax.files import write_png
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
   stem = args.output[:-4]
   paths = [args.output] if len(images) == 1 else [f"{stem}_{i}.png" for i in range(len(images))]
   for img, path in zip(images, paths):
-    Image.fromarray(img).save(path)
+    write_png(path, img)  # atomic: an interrupted run never leaves a half-written image
     print(path)
 
 

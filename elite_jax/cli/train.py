@@ -4,8 +4,9 @@
   elite-train --config configs/stage2_local.py  --workdir DIR --config.global_mapper=DIR1/global_mapper.safetensors
 
 (``python train.py`` in a checkout is the same command.) Rerunning the same command on a workdir with checkpoints
-resumes. Bad config or data: exit code 2 with a one-line message; a non-finite loss: exit code 1 (the last
-checkpoint is the last good state).
+resumes. Exit codes: 0 done (or saved and stopped by SIGTERM), 1 a non-finite loss (the last checkpoint is the last
+good state), 2 bad config or data, 3 another host died, 4 a checkpoint could not be written, 130 Ctrl-C; each with a
+one-line message.
 """
 
 import sys
@@ -14,7 +15,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from elite_jax.errors import InputError
-from elite_jax.train.loop import NonFiniteLoss, train
+from elite_jax.train.checkpoint import CheckpointWriteError
+from elite_jax.train.loop import EXIT_INTERRUPTED, Interrupted, NonFiniteLoss, train
+
+EXIT_WRITE_FAILED = 4
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file under configs/", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs and the exported mapper go here")
@@ -43,6 +47,12 @@ def main(argv) -> None:
   except NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except CheckpointWriteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_WRITE_FAILED)
+  except Interrupted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _parse_flags(argv):

@@ -7,8 +7,9 @@
 (the command is ``elite-evaluate``, elite_jax/cli/evaluate.py). For every subject: one real photo (``--reference``,
 the first by default) is encoded; K images are generated for each of the subject's prompts; they are scored against
 all the subject's real photos (``elite_jax.eval.metrics``). Writes ``OUTPUT/images/<subject>/<prompt>_<sample>.png``,
-``OUTPUT/grids/<subject>.png`` (rows = prompts, columns = samples), ``OUTPUT/results.json`` and ``OUTPUT/results.md``. Images already on disk from a run with the same generation settings
-(``OUTPUT/generation.json``) are reused, so an interrupted run resumes and a larger ``--num-images`` adds samples.
+``OUTPUT/grids/<subject>.png`` (rows = prompts, columns = samples), ``OUTPUT/results.json`` and ``OUTPUT/results.md``.
+Images already on disk from a run with the same generation settings (``OUTPUT/generation.json``) are reused, so an
+interrupted run resumes and a larger ``--num-images`` adds samples.
 
 **Benchmark layout.** ``PATH/prompts_and_classes.txt`` (DreamBench's file: the ``subject_name,class`` table, the
 "Object Prompts" and "Live Subject Prompts" lists of ``'a {0} {1} ...'.format(unique_token, class_token)``) and one
@@ -47,6 +48,7 @@ from tqdm.auto import tqdm
 
 from elite_jax import preprocess
 from elite_jax.errors import InputError
+from elite_jax.files import write_png
 from elite_jax.eval import metrics, report
 from elite_jax.eval.metrics import MetricModels
 from elite_jax.options import GenerationOptions
@@ -184,13 +186,6 @@ def _readable(path: Path, size: tuple[int, int]) -> bool:
     return False
 
 
-def _save_png(image: np.ndarray, path: Path) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  Image.fromarray(image).save(tmp, format="PNG")
-  os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written image to be reused
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Generation (resumable) and scoring
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +244,7 @@ def generate_subject(pipe: ElitePipeline, subject: Subject, prompts: list[str], 
                                            init_latents=init_latents(options.seed, p_idx, k_idx, shape)),
                            progress=False)
     for (p, k), image in zip(chunk, images):
-      _save_png(image, image_path(output, subject.name, p, k))
+      write_png(image_path(output, subject.name, p, k), image)  # atomic: never half-written under the name
     if bar is not None:
       bar.update(len(chunk))
 

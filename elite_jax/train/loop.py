@@ -1,10 +1,15 @@
-"""The training loop: hosts, mesh, the training program, data, checkpoints, logs, samples, preemption.
+"""The training loop: hosts, mesh, the training program, data, checkpoints, logs, samples, signals.
 
     train(config, workdir)
 
-Rerunning on a workdir that holds checkpoints resumes from the latest one: state, optimizer, RNG and data position,
-so N steps + resume to 2N equals 2N steps straight, on any number of hosts and any mesh. SIGTERM (to every host)
-saves and exits cleanly; a non-finite loss stops the run before it can reach a checkpoint.
+Rerunning on a workdir that holds checkpoints resumes from the latest one that reads completely: state, optimizer,
+RNG and data position, so N steps + resume to 2N equals 2N steps straight, on any number of hosts and any mesh.
+
+Exit codes of ``elite-train`` (documented in the README): 0 done, or stopped by SIGTERM after saving; 1 a non-finite
+loss (stopped before saving it); 2 bad input; 3 another host died (``hosts.Watchdog``); 4 a checkpoint could not be
+written; 130 Ctrl-C. The first SIGTERM or SIGINT during training saves a checkpoint at the next step boundary, on
+every host, then stops; a second SIGINT stops at once (what is saved stays intact); during setup (data building,
+compilation) there is nothing to save and either stops the run at once.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tqdm.auto import tqdm
 
 from elite_jax import data, sharding
 from elite_jax.errors import InputError
+from elite_jax.files import atomic_path
 from elite_jax.train import checkpoint, config as config_lib, hosts
 from elite_jax.train.program import TrainProgram, TrainState, build
 from elite_jax.train.samples import SampleGrid
@@ -35,26 +41,43 @@ class NonFiniteLoss(RuntimeError):
   """The loss became NaN or inf; the run stopped and the last checkpoint is the last good state."""
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
+
+
+class Interrupted(RuntimeError):
+  """Ctrl-C (or a signal before training started): the run stopped; its message says what was saved."""
+
+
+class StopSignals:
+  """SIGTERM and SIGINT, as the module docstring says. ``training`` switches from stopping at once to a request the
+  loop honours at the next step boundary."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested: int | None = None  # the signal that asked for a stop during training
+    self.training = False
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, no preemption saves
-      self._previous = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no handlers, no saves on signals
+        pass
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
+    if self.training and self.requested is None:
+      self.requested = signum
+      return
+    name = signal.Signals(signum).name
+    if self.training:  # a second signal while the first one's save runs: stop now; the saved checkpoints are intact
+      print(f"{name} again: stopped at once; the checkpoints saved so far are intact", file=sys.stderr, flush=True)
+      os._exit(EXIT_INTERRUPTED)
+    raise Interrupted(f"{name} before training started: stopped, nothing to save")
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 class MetricsLog:
@@ -66,8 +89,19 @@ class MetricsLog:
     if jax.process_index() != 0:
       return
     if self.path.exists():  # keep the history up to the restored step, so a resumed run's log reads straight
-      kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
-      self.path.write_text("".join(l + "\n" for l in kept))
+      kept, cut = [], 0
+      for line in self.path.read_text(errors="replace").splitlines():
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:  # a line a kill cut in the middle of its write
+          cut += 1
+          continue
+        if record["step"] <= resume_step:
+          kept.append(line)
+      if cut:
+        _note(f"note: dropped {cut} partial line(s) of {self.path} (a crash cut them)")
+      with atomic_path(self.path) as tmp:
+        tmp.write_text("".join(l + "\n" for l in kept))
     self.tb = SummaryWriter(str(workdir / "tb"))
 
   def write(self, record: dict) -> None:
@@ -91,16 +125,18 @@ class MetricsLog:
 
 
 def train(cfg, workdir: str | os.PathLike) -> dict:
-  """Run (or resume) training; returns the last logged metrics."""
+  """Run (or resume) training; returns the last logged metrics. Raises NonFiniteLoss, Interrupted (Ctrl-C),
+  checkpoint.CheckpointWriteError and InputError, each with a one-line message (see the exit codes above)."""
   config_lib.validate(cfg)
   hosts.check_single(cfg)
-  if cfg.multihost:
-    hosts.initialize(heartbeat_timeout=int(cfg.distributed.heartbeat_timeout))
-  with hosts.Watchdog(cfg.distributed.peer_timeout):
-    return _train(cfg, Path(workdir))
+  with StopSignals() as signals:
+    if cfg.multihost:
+      hosts.initialize(heartbeat_timeout=int(cfg.distributed.heartbeat_timeout))
+    with hosts.Watchdog(cfg.distributed.peer_timeout):
+      return _train(cfg, Path(workdir), signals)
 
 
-def _train(cfg, workdir: Path) -> dict:
+def _train(cfg, workdir: Path, signals: StopSignals) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(**cfg.mesh)
   if cfg.batch_size % jax.process_count() or (cfg.batch_size // cfg.grad_accum) % jax.process_count():
@@ -113,14 +149,12 @@ def _train(cfg, workdir: Path) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
                                  async_save=cfg.async_checkpoint)
   config_dict = json.loads(cfg.to_json())
-  start = ckpt.latest_step()
-  data_state = None
-  if start is None:
-    state = program.init_state()
+  restored = ckpt.restore_latest(program.abstract_state(), config_dict)
+  if restored is None:
+    start, state, data_state = 0, program.init_state(), None
   else:
-    state, data_state = ckpt.restore(start, program.abstract_state(), config_dict)
+    start, state, data_state = restored
     _note(f"resumed from step {start} in {workdir}")
-  start = int(start or 0)
   loader = _make_loader(cfg, program, workdir, data_state)
 
   log = MetricsLog(workdir, start)
@@ -140,15 +174,16 @@ def _train(cfg, workdir: Path) -> dict:
 
   last: dict[str, Any] = {}
   t0, n0 = time.perf_counter(), start
-  with _Preemption() as preempt, tqdm(total=cfg.num_train_steps, initial=start, desc=f"stage {cfg.stage}",
-                                      disable=jax.process_index() != 0) as bar:
+  with tqdm(total=cfg.num_train_steps, initial=start, desc=f"stage {cfg.stage}",
+            disable=jax.process_index() != 0) as bar:
+    signals.training = True
     try:
       for step in range(start, cfg.num_train_steps):
         state, metrics = step_fn(state, program.frozen, program.global_batch(next(loader)))
         done = step + 1
         pending.append((done, metrics["loss"]))
         bar.update(1)
-        stop = hosts.any_host(preempt.requested)  # every host saves the same step
+        stop = hosts.any_host(signals.requested is not None)  # every host saves the same step
         if done % cfg.log_every == 0 or done == cfg.num_train_steps:
           check_finite()
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -172,11 +207,18 @@ def _train(cfg, workdir: Path) -> dict:
           ckpt.save(done, state, data_state_now(), config_dict, force=True)
         if stop:
           ckpt.wait()
-          _note(f"SIGTERM: saved step {done} in {workdir}; rerun the same command to resume")
+          name = signal.Signals(signals.requested).name if signals.requested else "a signal to another host"
+          message = f"{name}: saved step {done} in {workdir}; rerun the same command to resume"
+          if signals.requested == signal.SIGINT:
+            raise Interrupted(message)
+          _note(message)
           return last
     finally:
-      ckpt.wait()
-      log.close()
+      signals.training = False
+      try:
+        ckpt.wait()
+      finally:
+        log.close()
   _export(program, state, workdir, "", official=False)
   ckpt.close()
   return last

@@ -8,15 +8,14 @@ Every host calls ``SampleGrid.__call__`` at the same steps (fetching a mapper sh
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
-from PIL import Image
 
 from elite_jax import preprocess
 from elite_jax.eval.report import image_grid
+from elite_jax.files import write_png
 from elite_jax.options import GenerationOptions
 from elite_jax.pipeline import ElitePipeline
 from elite_jax.train import hosts
@@ -64,8 +63,5 @@ class SampleGrid:
     images = self._pipe.generate(concept, self.prompts, self.options, progress=False)
     grid = np.asarray(image_grid(list(images), len(self.prompts), 1, labels=self.prompts))
     self.folder.mkdir(parents=True, exist_ok=True)
-    path = self.folder / f"step_{step:07d}.png"
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)  # atomic: a kill never leaves a half-written grid under the real name
+    write_png(self.folder / f"step_{step:07d}.png", grid)
     return grid

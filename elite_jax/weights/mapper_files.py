@@ -24,6 +24,7 @@ import safetensors.numpy
 
 from elite_jax.concept import MapperBundle, kv_names, mapper_shapes
 from elite_jax.errors import InputError
+from elite_jax.files import atomic_path
 from elite_jax.models.mappers import MapperConfig
 from elite_jax.models.unet import UNetConfig
 from elite_jax.types import Params
@@ -156,9 +157,8 @@ def save_mapper(path: str | os.PathLike, bundle: MapperBundle, unet_config: UNet
     torch_files.save_torch_state_dict(state, path)
     return path
   meta = {"format": FORMAT, "kind": bundle.kind, "mapper_config": json.dumps(dataclasses.asdict(bundle.config))}
-  tmp = path.with_name(f".{path.name}.tmp")
-  safetensors.numpy.save_file(state, str(tmp), metadata=meta)
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    safetensors.numpy.save_file(state, str(tmp), metadata=meta)
   return path
 
 

@@ -23,7 +23,6 @@ import math
 import os
 import pickle
 import sys
-import uuid
 import zipfile
 from typing import Any, Mapping
 
@@ -31,6 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from elite_jax.errors import InputError
+from elite_jax.files import atomic_path
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -116,18 +116,8 @@ def save_torch_state_dict(state: Mapping[str, Any], path: str | os.PathLike) -> 
         tensors[name] = torch.from_numpy(np.array(arr, order="C"))
     except (TypeError, ValueError):
       raise InputError(f"cannot export {name!r}: dtype {arr.dtype} has no PyTorch equivalent") from None
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-  try:
-    with open(tmp, "xb") as f:
-      torch.save(tensors, f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_path(path) as tmp, open(tmp, "xb") as f:
+    torch.save(tensors, f)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
