@@ -127,11 +127,13 @@ class Demo:
   def _run(self, editor, mask_file, prompts_text, lam, seed, guidance, steps, scheduler, num_images, height, width,
            words, placeholder, placeholder_index, inspect, progress):
     start = time.perf_counter()
-    seed = random.randrange(2 ** 31) if seed is None or int(seed) < 0 else int(seed)
-    opts = self.pipe.options(self.defaults, lam=float(lam), seed=seed, guidance=float(guidance), steps=_int(steps),
-                             scheduler=scheduler, num_images=_int(num_images), height=_int(height),
-                             width=_int(width), words=words, placeholder=(placeholder or "").strip(),
-                             placeholder_index=placeholder_index)
+    seed = _number(seed, "seed")
+    seed = random.randrange(2 ** 31) if seed < 0 else seed
+    opts = self.pipe.options(self.defaults, lam=_number(lam, "lambda"), seed=seed,
+                             guidance=_number(guidance, "guidance"), steps=_number(steps, "steps"),
+                             scheduler=scheduler, num_images=_number(num_images, "images per prompt"),
+                             height=_number(height, "height"), width=_number(width, "width"), words=words,
+                             placeholder=(placeholder or "").strip(), placeholder_index=placeholder_index)
     prompts = parse_prompts(prompts_text)
     photo, mask = photo_and_drawn_mask(editor)
     if mask_file:
@@ -184,7 +186,10 @@ def _coverage(mask: np.ndarray) -> float:
   return float(np.mean(m.any(axis=-1) if m.ndim == 3 else m))
 
 
-def _int(v: Any) -> Any:
+def _number(v: Any, name: str) -> int | float:
+  """A field's number (whole floats as ints, as sliders send them), or an InputError naming the field."""
+  if isinstance(v, bool) or not isinstance(v, (int, float)):
+    raise InputError(f"{name} must be a number, got {v!r}")
   return int(v) if isinstance(v, float) and v.is_integer() else v
 
 

@@ -84,9 +84,14 @@ def _args(**over):
 # Through the API
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_api_generates_the_library_images_and_reuses_the_concept(served, mask_file):
+def test_api_generates_the_library_images_and_reuses_the_concept(served, mask_file, monkeypatch):
   app, url = served
   client = gradio_client.Client(url, verbose=False)
+  # what gr.Progress hands the queue (it sends the latest of these to the page every so often)
+  progress = []
+  send = app._queue.set_progress
+  monkeypatch.setattr(app._queue, "set_progress", lambda event_id, iterables: (
+      progress.append([(it.desc, it.index, it.length) for it in iterables]), send(event_id, iterables)))
   gallery, status, words, figures = client.predict(**_args(mask_file=gradio_client.handle_file(str(mask_file))),
                                                    api_name="/generate")
   assert [g["caption"] for g in gallery] == ["a photo of a S · #0 · seed 0", "a photo of a S · #1 · seed 0",
@@ -95,6 +100,9 @@ def test_api_generates_the_library_images_and_reuses_the_concept(served, mask_fi
   coverage = np.mean(np.asarray(Image.open(mask_file)) > 0)
   assert "RANDOM WEIGHTS" in status and "concept encoded" in status and f"mask {coverage:.0%} of the photo" in status
   assert words == "" and figures is None
+  # the sampling loop's progress reached the page's event, step by step (2 steps, one batch of 4)
+  assert [p[-1] for p in progress] == [("encoding the concept", None, None), ("denoising", 1, STEPS),
+                                       ("denoising", 2, STEPS)]
   # the page passes every setting through: the same images as the library gives for them
   state = app.elite_demo
   concept = state.pipe.encode_concept(PHOTO, mask_file)
@@ -118,6 +126,7 @@ def test_api_bad_input_is_a_message_and_the_app_keeps_serving(served, tmp_path):
            (_args(height=100), "multiples of 8"),
            (_args(lam=2.5), "2.5"),  # the slider's bound, checked by gradio
            (_args(editor=None), "upload a photo of the concept first"),
+           (_args(seed=None), "seed must be a number, got None"),
            (_args(prompts_text="  \n "), "write at least one prompt")]
   for args, message in cases:
     with pytest.raises(gradio_client.exceptions.AppError) as e:
