@@ -22,7 +22,6 @@ from PIL import Image
 from elite_jax import inspection, preprocess
 from elite_jax.options import GenerationOptions
 from elite_jax.pipeline import ElitePipeline
-from tests.test_pipeline import PHOTO
 
 IN_CI = bool(os.environ.get("CI"))
 SIZE, STEPS = 64, 2
@@ -46,6 +45,7 @@ gradio_client = _need("gradio_client")
 demo = importlib.import_module("elite_jax.demo")  # after the check: it imports gradio
 cli_demo = importlib.import_module("elite_jax.cli.demo")
 REPO = Path(__file__).resolve().parents[1]
+PHOTO = REPO / "tests" / "data" / "dreambench" / "dog" / "00.jpg"
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +187,12 @@ def test_browser_upload_paint_run(served, tmp_path):
     find = lambda css: browser.find_element(By.CSS_SELECTOR, css)
     WebDriverWait(browser, PAGE_TIMEOUT).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
     assert "RANDOM WEIGHTS" in find("#random-weights").text
+    zoom = find("#photo .zoom-number").text
     find("#photo input[type=file]").send_keys(str(PHOTO))
-    canvas = WebDriverWait(browser, PAGE_TIMEOUT).until(
-        lambda b: b.find_element(By.CSS_SELECTOR, "#photo .pixi-target canvas"))
-    time.sleep(1)  # the photo lands on the canvas
+    # the editor zooms to fit the photo once it is on the canvas
+    WebDriverWait(browser, PAGE_TIMEOUT).until(lambda b: find("#photo .zoom-number").text != zoom)
+    time.sleep(0.5)
+    canvas = find("#photo .pixi-target canvas")
     find("#photo button[aria-label=Brush]").click()
     strokes = ActionChains(browser)
     for dy in range(-40, 50, 8):  # paint the middle of the photo, where the dog is

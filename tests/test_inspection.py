@@ -7,6 +7,7 @@ call of the conditional pass, A = softmax(Q Kg^T / sqrt(d)), its column a at the
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ from elite_jax.concept import Concept
 from elite_jax.pipeline import ElitePipeline
 from tests import elite_reference as ref
 from tests import tiny_models
-from tests.test_pipeline import PHOTO
 
+PHOTO = Path(__file__).resolve().parents[1] / "tests" / "data" / "dreambench" / "dog" / "00.jpg"
 SIZE = 64  # latents 8x8: the tiny UNet's attn2 layers run at 8x8, 4x4 and 2x2
 STEPS = 3
 PROMPTS = ["a photo of a S", "a S on the beach"]  # the placeholder at tokens 5 and 2 (official whitespace rule)
