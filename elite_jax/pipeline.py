@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,11 +146,18 @@ class ElitePipeline:
 
   # ---------------------------------------------------------------------------------------------------------------
   def generate(self, concept: Concept, prompts: str | Sequence[str], options: GenerationOptions | None = None, *,
-               progress: bool = True, **changes: Any) -> np.ndarray:
+               progress: bool | Callable[[int, int], Any] = True, attention_maps: bool = False,
+               **changes: Any) -> np.ndarray | tuple[np.ndarray, dict]:
     """Images (len(prompts) * num_images, H, W, 3) uint8, prompt-major.
 
     ``options`` (``GenerationOptions``; default the official settings in this pipeline's dtype) with ``changes``
-    applied, e.g. ``generate(concept, prompts, steps=50, scheduler="ddim")``.
+    applied, e.g. ``generate(concept, prompts, steps=50, scheduler="ddim")``. ``progress``: a tqdm bar (True), none
+    (False), or a function the sampling loop calls with (steps done, steps in all).
+
+    ``attention_maps=True`` returns ``(images, maps)``, the maps collected by the same jitted loop:
+    ``maps["w0"][(h, w)]`` (N, h, w) float32 is the probability of the placeholder's token (w0) in the text
+    attention A of spec 3.3 (conditional branch), ``maps["local"][(h, w)]`` the local branch's weight lambda * M
+    (empty without it); each averaged over heads, over the attn2 layers at latent resolution (h, w) and over steps.
     """
     opts = self.options(options, **changes)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -174,36 +182,41 @@ class ElitePipeline:
 
     batch_size = opts.batch_size or n
     out = []
-    self._bar = tqdm(total=opts.steps * -(-n // batch_size), desc="denoising", unit="step") if progress else None
+    total = opts.steps * -(-n // batch_size)
+    self._bar = (_CallbackBar(progress, total) if callable(progress) else
+                 tqdm(total=total, desc="denoising", unit="step") if progress else None)
     try:
       for s in range(0, n, batch_size):
         sl = slice(s, s + batch_size)
         out.append(self._denoise(concept, ids[sl], index[sl], init[sl], sampler, float(opts.guidance),
-                                 float(opts.lam), k, progress))
+                                 float(opts.lam), k, bool(progress), attention_maps))
     finally:
       if self._bar is not None:
         self._bar.close()
       self._bar = None
-    return np.concatenate(out, axis=0)
+    if not attention_maps:
+      return np.concatenate(out, axis=0)
+    images = np.concatenate([o[0] for o in out], axis=0)
+    return images, _maps_by_resolution([o[1] for o in out], latent_shape[1:3])
 
-  def _denoise(self, concept, ids, index, init, sampler, guidance, lam, k, progress) -> np.ndarray:
+  def _denoise(self, concept, ids, index, init, sampler, guidance, lam, k, progress, maps=False):
     cfg = guidance != 1.0
     use_local = concept.local is not None and lam > 0
-    key = ("denoise", cfg, use_local, k, progress)
+    key = ("denoise", cfg, use_local, k, progress, maps)
     fn = self._compiled.get(key)
     if fn is None:
       fn = self._compiled[key] = jax.jit(functools.partial(self._denoise_fn, cfg=cfg, use_local=use_local, k=k,
-                                                           progress=progress))
-    images = fn(self.params, concept.words, concept.local if use_local else None, jnp.asarray(ids),
-                jnp.asarray(index), init, sampler, jnp.float32(guidance), jnp.float32(lam))
-    return np.asarray(images)
+                                                           progress=progress, maps=maps))
+    out = fn(self.params, concept.words, concept.local if use_local else None, jnp.asarray(ids),
+             jnp.asarray(index), init, sampler, jnp.float32(guidance), jnp.float32(lam))
+    return jax.tree.map(np.asarray, out)
 
   def _advance_bar(self, i) -> None:
     if self._bar is not None:
       self._bar.update(1)
 
   def _denoise_fn(self, params, words, local, ids, index, init, sampler, guidance, lam, *, cfg, use_local, k,
-                  progress):
+                  progress, maps=False):
     sd = self.sd
     b = ids.shape[0]
     w = jnp.broadcast_to(words[:, :k], (b, k, words.shape[-1]))
@@ -217,26 +230,76 @@ class ElitePipeline:
       feats = jnp.broadcast_to(local, (b,) + local.shape[1:])
       local_in = LocalInputs(feats, index, jnp.full((b,), lam, jnp.float32), max_group=1)
 
+    def unet(xin, t):  # eps, and with ``maps`` this step's attention maps (the attn2 layers' sown values)
+      if not maps:
+        return sd.unet.apply({"params": params["unet"]}, xin, t, context, local_in), None
+      eps, sown = sd.unet.apply({"params": params["unet"]}, xin, t, context, local_in, mutable=["attention_maps"])
+      return eps, _step_maps(sown["attention_maps"], index)
+
     def body(i, carry):
-      x, state = carry
+      x, state, acc = carry
       xin = sampler.scale_model_input(x, i)
       if cfg:
         xin = jnp.concatenate([xin, xin], axis=0)
-      eps = sd.unet.apply({"params": params["unet"]}, xin, sampler.timesteps[i], context,
-                          local_in).astype(jnp.float32)
+      eps, step_maps = unet(xin, sampler.timesteps[i])
+      eps = eps.astype(jnp.float32)
       if cfg:
         e_c, e_u = jnp.split(eps, 2, axis=0)
         eps = e_u + guidance * (e_c - e_u)
       if progress:
         jax.debug.callback(self._advance_bar, i)
-      return sampler.step(state, i, eps, x)
+      return (*sampler.step(state, i, eps, x), jax.tree.map(jnp.add, acc, step_maps))
 
     x = init * sampler.init_noise_sigma
-    x, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x)))
+    acc = None
+    if maps:  # the sums over steps live in the loop's carry, zeros of the shapes one step makes
+      xin = jnp.concatenate([x, x], axis=0) if cfg else x
+      acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(unet, xin, sampler.timesteps[0])[1])
+    x, _, acc = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x), acc))
     vae_cfg = sd.vae.config
     z = x / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
     img = sd.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode).astype(jnp.float32)
-    return jnp.round(jnp.clip(img / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+    img = jnp.round(jnp.clip(img / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+    return (img, jax.tree.map(lambda a: a / sampler.num_steps, acc)) if maps else img
+
+
+class _CallbackBar:
+  """The progress bar's two methods, reporting (steps done, steps in all) to a function."""
+
+  def __init__(self, fn: Callable[[int, int], Any], total: int):
+    self.fn, self.total, self.n = fn, total, 0
+
+  def update(self, k: int) -> None:
+    self.n += k
+    self.fn(self.n, self.total)
+
+  def close(self) -> None:
+    pass
+
+
+def _step_maps(sown: dict, index: jax.Array) -> dict[str, dict[int, jax.Array]]:
+  """One UNet call's maps, (B, N) per number of latent positions N, averaged over the attn2 layers with N positions:
+  "w0", the text attention at each conditional row's placeholder (the first B rows), and "local", lambda * M."""
+  b = index.shape[0]
+  groups: dict[str, dict[int, list]] = {"w0": {}, "local": {}}
+  for path, (value,) in traverse_util.flatten_dict(sown).items():
+    if path[-1] == "text_probs":
+      kind, value = "w0", jnp.take_along_axis(value[:b], index[:, None, None].astype(jnp.int32), axis=2)[..., 0]
+    else:
+      kind = "local"
+    groups[kind].setdefault(value.shape[1], []).append(value)
+  return {kind: {n: sum(v) / len(v) for n, v in g.items()} for kind, g in groups.items()}
+
+
+def _maps_by_resolution(batches: list[dict], latent_hw: tuple[int, int]) -> dict[str, dict]:
+  """The batches' maps joined and keyed by their (h, w), finest first: each UNet level halves the latent side,
+  rounding up."""
+  sides, (h, w) = {}, latent_hw
+  while h * w not in sides:
+    sides[h * w] = (h, w)
+    h, w = -(-h // 2), -(-w // 2)
+  return {kind: {sides[n]: np.concatenate([b[kind][n] for b in batches]).reshape(-1, *sides[n])
+                 for n in sorted(batches[0][kind], reverse=True)} for kind in ("w0", "local")}
 
 
 def _mappers(sd: StableDiffusion, global_mapper, local_mapper) -> tuple[MapperBundle | None, MapperBundle | None]:

@@ -11,6 +11,11 @@ before ``to_out``, where A is the global attention and a the attention map of th
 The max is one scalar over a group of samples, all heads and positions: the official code takes it over the whole
 per-device batch (a quirk); ``LocalInputs.max_group`` says how many consecutive samples share it (1 = per sample,
 which equals the official inference, whose conditional batch is one image).
+
+Each attn2 also sows into the ``"attention_maps"`` collection (for ``elite_jax.inspection``): ``"text_probs"``, the
+head-averaged text attention A (B, N, 77) of every row, and, with ``LocalInputs``, ``"local_weight"``, the
+head-averaged lambda * M (Bc, N). Unless a caller collects that collection (``mutable=["attention_maps"]``), nothing
+is stored and XLA drops the computation.
 """
 
 from __future__ import annotations
@@ -62,11 +67,15 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None, local: LocalInputs | None = None) -> jax.Array:
     inner = self.heads * self.head_dim
+    cross = context is not None
     context = x if context is None else context
     proj = lambda name, bias=False: layers.dense(inner, (EMBED, HEADS), use_bias=bias, dtype=self.dtype, name=name)
     q = kernels.split_heads(proj("to_q")(x), self.heads)
     k = kernels.split_heads(proj("to_k")(context), self.heads)
     v = kernels.split_heads(proj("to_v")(context), self.heads)
+    if cross:
+      text_probs = jax.nn.softmax(kernels.attention_logits(q.astype(jnp.float32), k.astype(jnp.float32)), -1)
+      self.sow("attention_maps", "text_probs", jnp.mean(text_probs, axis=1))
     if local is None:
       out = kernels.dot_product_attention(q, k, v, upcast=self.upcast, implementation=self.attention_impl)
     else:
@@ -84,6 +93,7 @@ class Attention(nn.Module):
       ol = kernels.dot_product_attention(q[:bc], kl, vl, upcast=self.upcast,
                                         implementation=self.attention_impl)  # (Bc,N,H,D)
       weight = local.scale.astype(jnp.float32)[:, None, None, None] * jnp.transpose(m, (0, 2, 1))[..., None]
+      self.sow("attention_maps", "local_weight", jnp.mean(weight[..., 0], axis=2))  # (Bc, N, H, 1) -> (Bc, N)
       out_c = (out_c + ol.astype(jnp.float32) * weight).astype(q.dtype)
       if bc < q.shape[0]:
         rest = kernels.dot_product_attention(q[bc:], k[bc:], v[bc:], upcast=self.upcast,
