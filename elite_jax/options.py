@@ -29,6 +29,10 @@ class GenerationOptions:
   local branch (0 turns it off). ``placeholder_index``: "whitespace" (the official rule) or "token" (its fix).
   ``batch_size``: images per denoising batch (None: all at once). ``dtype`` is the pipeline's precision: a pipeline
   runs the dtype it was loaded in.
+
+  With a ControlNet loaded: ``control_scale`` multiplies its residuals (diffusers' ``controlnet_conditioning_scale``)
+  during the steps i with ``control_start <= i / steps`` and ``(i + 1) / steps <= control_end`` (diffusers'
+  ``control_guidance_start`` / ``_end``), zero otherwise. With an IP-Adapter: ``ip_scale`` weighs its attention term.
   """
   scheduler: str = "lms"
   steps: int = 100
@@ -43,6 +47,10 @@ class GenerationOptions:
   seed: int = 42
   num_images: int = 1
   batch_size: int | None = None
+  control_scale: float = 1.0
+  control_start: float = 0.0
+  control_end: float = 1.0
+  ip_scale: float = 1.0
   init_latents: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   def replace(self, **changes: Any) -> GenerationOptions:
@@ -73,9 +81,20 @@ class GenerationOptions:
     need(integer(self.num_images) and self.num_images >= 1, f"num_images must be >= 1, got {self.num_images!r}")
     need(self.batch_size is None or (integer(self.batch_size) and self.batch_size >= 1),
          f"batch_size must be >= 1, got {self.batch_size!r}")
+    need(np.isfinite(self.control_scale) and self.control_scale >= 0,
+         f"control scale must be >= 0, got {self.control_scale}")
+    need(0.0 <= self.control_start < self.control_end <= 1.0,
+         f"control start and end must satisfy 0 <= start < end <= 1, got {self.control_start} and {self.control_end}")
+    need(np.isfinite(self.ip_scale) and self.ip_scale >= 0, f"IP-Adapter scale must be >= 0, got {self.ip_scale}")
     need(self.init_latents is None or np.ndim(self.init_latents) == 4,
          f"init latents must be an (N, H/8, W/8, C) array (NHWC), got shape {np.shape(self.init_latents)}")
     return self
+
+  def control_keep(self) -> np.ndarray:
+    """(steps,) float32: 1 where the ControlNet acts, 0 where it does not (diffusers' ``controlnet_keep``)."""
+    n = self.steps
+    return np.array([1.0 - float(i / n < self.control_start or (i + 1) / n > self.control_end) for i in range(n)],
+                    np.float32)
 
   def words_injected(self, num_words: int) -> int:
     """How many concept words go into a prompt: 1 (w0) or all ``num_words``."""

@@ -14,8 +14,10 @@ which is what the official code (one image per call) computes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import warnings
 from typing import Any, Callable, Sequence
 
 import flax.traverse_util as traverse_util
@@ -25,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from elite_jax import concept as concept_lib, preprocess, schedulers, text, tiny
+from elite_jax.compose import ControlNetModel
 from elite_jax.concept import Concept, MapperBundle
 from elite_jax.errors import InputError
 from elite_jax.models.elite_attention import LocalInputs
@@ -39,13 +42,28 @@ class ElitePipeline:
   """Frozen Stable Diffusion + CLIP image encoder + ELITE mappers, placed on the default device in the modules'
   dtype (``sd.configure(dtype=...)``)."""
 
-  def __init__(self, sd: StableDiffusion, global_mapper: MapperBundle, local_mapper: MapperBundle | None = None):
+  def __init__(self, sd: StableDiffusion, global_mapper: MapperBundle, local_mapper: MapperBundle | None = None, *,
+               controlnet: ControlNetModel | None = None):
     sd.check()
     self.sd = sd
     self._models = jax.device_put(cast_floating(sd.params, sd.dtype))
     self._compiled: dict = {}
     self._bar = None  # the progress bar the jitted loop's host callback advances
+    self.controlnet = None
     self.set_mappers(global_mapper, local_mapper)
+    if controlnet is not None:
+      self.set_controlnet(controlnet)
+
+  def set_controlnet(self, controlnet: ControlNetModel | None) -> None:
+    """Add this ControlNet's residuals from now on (None removes it); InputError when it does not fit the UNet."""
+    if controlnet is not None:
+      controlnet.check_fits(self.sd.unet.config, self.sd.text_dim)
+      controlnet = controlnet.configure(dtype=self.sd.dtype, attention_impl=self.sd.unet.attention_impl)
+      controlnet = dataclasses.replace(controlnet, params=jax.device_put(cast_floating(controlnet.params,
+                                                                                       self.sd.dtype)))
+    self.controlnet = controlnet
+    self._compiled.clear()
+    self._assemble()
 
   def set_mappers(self, global_mapper: MapperBundle, local_mapper: MapperBundle | None = None) -> None:
     """Use these mappers from now on (e.g. a training run's latest); compiled functions are kept when their shapes
@@ -60,11 +78,17 @@ class ElitePipeline:
     dt = self.sd.dtype
     self.global_mapper = jax.device_put(global_mapper.cast(dt))
     self.local_mapper = None if local_mapper is None else jax.device_put(local_mapper.cast(dt))
+    self._assemble()
+
+  def _assemble(self) -> None:
+    """``self.params``: the models with the mappers' K/V merged into the UNet, the mappers and any composed model."""
     kv = [m.kv for m in (self.global_mapper, self.local_mapper) if m is not None]
     params = dict(self._models, unet=concept_lib.merge_kv(self._models["unet"], *kv),
                   global_mapper=self.global_mapper.mlp)
     if self.local_mapper is not None:
       params["local_mapper"] = self.local_mapper.mlp
+    if getattr(self, "controlnet", None) is not None:
+      params["controlnet"] = self.controlnet.params
     self.params = params
 
   # ---------------------------------------------------------------------------------------------------------------
@@ -72,12 +96,15 @@ class ElitePipeline:
   def from_pretrained(cls, pretrained: str | os.PathLike = "CompVis/stable-diffusion-v1-4", *,
                       image_encoder: str | os.PathLike = "openai/clip-vit-large-patch14",
                       global_mapper: str | os.PathLike, local_mapper: str | os.PathLike | None = None,
-                      dtype: str = "float32", attention_impl: str = "auto") -> ElitePipeline:
-    """Stable Diffusion from a diffusers folder or hub id, the CLIP image encoder, official or our mapper files."""
+                      dtype: str = "float32", attention_impl: str = "auto",
+                      controlnet: str | os.PathLike | None = None) -> ElitePipeline:
+    """Stable Diffusion from a diffusers folder or hub id, the CLIP image encoder, official or our mapper files;
+    optionally a diffusers ControlNetModel folder or hub id."""
     if not global_mapper:
       raise InputError("a global mapper is required (the official global_mapper.pt or an elite-jax export)")
     sd = StableDiffusion.load(pretrained, image_encoder, dtype=dtype, attention_impl=attention_impl)
-    return cls(sd, *_mappers(sd, global_mapper, local_mapper))
+    cn = ControlNetModel.load(controlnet) if controlnet else None
+    return cls(sd, *_mappers(sd, global_mapper, local_mapper), controlnet=cn)
 
   @classmethod
   def from_random(cls, size: str = "tiny", *, seed: int = 0, dtype: str = "float32", attention_impl: str = "auto",
@@ -146,6 +173,7 @@ class ElitePipeline:
 
   # ---------------------------------------------------------------------------------------------------------------
   def generate(self, concept: Concept, prompts: str | Sequence[str], options: GenerationOptions | None = None, *,
+               control_image: str | os.PathLike | np.ndarray | None = None,
                progress: bool | Callable[[int, int], Any] = True, attention_maps: bool = False,
                **changes: Any) -> np.ndarray | tuple[np.ndarray, dict]:
     """Images (len(prompts) * num_images, H, W, 3) uint8, prompt-major.
@@ -158,8 +186,13 @@ class ElitePipeline:
     ``maps["w0"][(h, w)]`` (N, h, w) float32 is the probability of the placeholder's token (w0) in the text
     attention A of spec 3.3 (conditional branch), ``maps["local"][(h, w)]`` the local branch's weight lambda * M
     (empty without it); each averaged over heads, over the attn2 layers at latent resolution (h, w) and over steps.
+
+    ``control_image`` (path, (H, W, 3) uint8, or float in [0, 1]): required with a ControlNet loaded; resized to the
+    output size as diffusers does, with a warning saying so. ``options.control_scale``/``control_start``/
+    ``control_end`` weigh it.
     """
     opts = self.options(options, **changes)
+    extras = self._extras(opts, control_image)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
       raise InputError("no prompt given")
@@ -189,7 +222,7 @@ class ElitePipeline:
       for s in range(0, n, batch_size):
         sl = slice(s, s + batch_size)
         out.append(self._denoise(concept, ids[sl], index[sl], init[sl], sampler, float(opts.guidance),
-                                 float(opts.lam), k, bool(progress), attention_maps))
+                                 float(opts.lam), k, bool(progress), attention_maps, extras))
     finally:
       if self._bar is not None:
         self._bar.close()
@@ -199,24 +232,40 @@ class ElitePipeline:
     images = np.concatenate([o[0] for o in out], axis=0)
     return images, _maps_by_resolution([o[1] for o in out], latent_shape[1:3])
 
-  def _denoise(self, concept, ids, index, init, sampler, guidance, lam, k, progress, maps=False):
+  def _extras(self, opts: GenerationOptions, control_image) -> dict:
+    """The composed models' inputs of one generate call (arrays; None where a model is not used)."""
+    extras = {"control": None}
+    if (control_image is None) != (self.controlnet is None):
+      raise InputError("a control image needs a ControlNet (--controlnet)" if self.controlnet is None else
+                       "a ControlNet is loaded: give a control image (--control-image)")
+    if self.controlnet is not None:
+      pixels, resized = preprocess.control_image(control_image, opts.height, opts.width)
+      if resized is not None:
+        warnings.warn(f"control image resized from {resized[1]}x{resized[0]} to {opts.width}x{opts.height} (PIL "
+                      f"Lanczos, as diffusers)", stacklevel=3)
+      extras["control"] = (jnp.asarray(pixels)[None], jnp.asarray(opts.control_keep()),
+                           jnp.float32(opts.control_scale))
+    return extras
+
+  def _denoise(self, concept, ids, index, init, sampler, guidance, lam, k, progress, maps=False, extras=None):
     cfg = guidance != 1.0
     use_local = concept.local is not None and lam > 0
-    key = ("denoise", cfg, use_local, k, progress, maps)
+    extras = extras or {"control": None}
+    key = ("denoise", cfg, use_local, k, progress, maps, extras["control"] is not None)
     fn = self._compiled.get(key)
     if fn is None:
       fn = self._compiled[key] = jax.jit(functools.partial(self._denoise_fn, cfg=cfg, use_local=use_local, k=k,
                                                            progress=progress, maps=maps))
     out = fn(self.params, concept.words, concept.local if use_local else None, jnp.asarray(ids),
-             jnp.asarray(index), init, sampler, jnp.float32(guidance), jnp.float32(lam))
+             jnp.asarray(index), init, sampler, jnp.float32(guidance), jnp.float32(lam), extras)
     return jax.tree.map(np.asarray, out)
 
   def _advance_bar(self, i) -> None:
     if self._bar is not None:
       self._bar.update(1)
 
-  def _denoise_fn(self, params, words, local, ids, index, init, sampler, guidance, lam, *, cfg, use_local, k,
-                  progress, maps=False):
+  def _denoise_fn(self, params, words, local, ids, index, init, sampler, guidance, lam, extras, *, cfg, use_local,
+                  k, progress, maps=False):
     sd = self.sd
     b = ids.shape[0]
     w = jnp.broadcast_to(words[:, :k], (b, k, words.shape[-1]))
@@ -230,10 +279,20 @@ class ElitePipeline:
       feats = jnp.broadcast_to(local, (b,) + local.shape[1:])
       local_in = LocalInputs(feats, index, jnp.full((b,), lam, jnp.float32), max_group=1)
 
-    def unet(xin, t):  # eps, and with ``maps`` this step's attention maps (the attn2 layers' sown values)
+    control = None
+    if extras["control"] is not None:
+      pixels, keep, control_scale = extras["control"]
+      control = jnp.broadcast_to(pixels, (context.shape[0],) + pixels.shape[1:])
+
+    def unet(xin, t, i):  # eps, and with ``maps`` this step's attention maps (the attn2 layers' sown values)
+      residuals = None
+      if control is not None:  # the ControlNet sees what the UNet sees: both CFG branches, the concept's words
+        residuals = self.controlnet.module.apply({"params": params["controlnet"]}, xin, t, context, control,
+                                                 control_scale * keep[i])
+      run = functools.partial(sd.unet.apply, {"params": params["unet"]}, xin, t, context, local_in, residuals)
       if not maps:
-        return sd.unet.apply({"params": params["unet"]}, xin, t, context, local_in), None
-      eps, sown = sd.unet.apply({"params": params["unet"]}, xin, t, context, local_in, mutable=["attention_maps"])
+        return run(), None
+      eps, sown = run(mutable=["attention_maps"])
       return eps, _step_maps(sown["attention_maps"], index)
 
     def body(i, carry):
@@ -241,7 +300,7 @@ class ElitePipeline:
       xin = sampler.scale_model_input(x, i)
       if cfg:
         xin = jnp.concatenate([xin, xin], axis=0)
-      eps, step_maps = unet(xin, sampler.timesteps[i])
+      eps, step_maps = unet(xin, sampler.timesteps[i], i)
       eps = eps.astype(jnp.float32)
       if cfg:
         e_c, e_u = jnp.split(eps, 2, axis=0)
@@ -254,7 +313,7 @@ class ElitePipeline:
     acc = None
     if maps:  # the sums over steps live in the loop's carry, zeros of the shapes one step makes
       xin = jnp.concatenate([x, x], axis=0) if cfg else x
-      acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(unet, xin, sampler.timesteps[0])[1])
+      acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(unet, xin, sampler.timesteps[0], 0)[1])
     x, _, acc = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x), acc))
     vae_cfg = sd.vae.config
     z = x / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)

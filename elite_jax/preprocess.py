@@ -78,6 +78,33 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
   return mask
 
 
+def control_image(image: str | os.PathLike | np.ndarray, height: int, width: int,
+                  ) -> tuple[np.ndarray, tuple[int, int] | None]:
+  """A ControlNet's conditioning image as diffusers' pipeline prepares it (``VaeImageProcessor`` with
+  ``do_convert_rgb=True, do_normalize=False``): RGB, resized to (height, width) with PIL's Lanczos when its size
+  differs, scaled to [0, 1].
+
+  ``image``: a path (read by ``load_image``, EXIF orientation applied), an (H, W, 3) uint8 array, or an (H, W, 3)
+  float array already in [0, 1] at the output size. Returns (pixels (height, width, 3) float32, the original
+  (h, w) when it was resized, else None).
+  """
+  if not isinstance(image, np.ndarray):
+    image = load_image(image)
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+    raise InputError(f"control image must be (H, W, 3) RGB, got shape {image.shape}")
+  if image.dtype != np.uint8:
+    if image.shape[:2] != (height, width) or not (np.isfinite(image).all() and image.min() >= 0 and image.max() <= 1):
+      raise InputError(f"a float control image must be in [0, 1] at the output size {width}x{height}, got "
+                       f"{image.shape[1]}x{image.shape[0]}")
+    return image.astype(np.float32), None
+  original = None
+  if image.shape[:2] != (height, width):
+    original = image.shape[:2]
+    image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((width, height), resample=Image.LANCZOS))
+  return image.astype(np.float32) / np.float32(255), original
+
+
 def clip_normalize(x: np.ndarray) -> np.ndarray:
   """uint8 (..., 3) -> float32 ``(x / 255 - mean) / std``, with torchvision's ToTensor + Normalize float32 rounding."""
   t = x.astype(np.float32) / np.float32(255)

@@ -66,13 +66,17 @@ def encode_text(text_encoder, ids, words=None, index=None):
 
 class EliteProcessor:
   """attn1: plain self-attention. attn2: the global K/V copies (installed as to_k/to_v) and, given a local
-  context, + lambda * (M * softmax(Q Kl^T * scale)) Vl with M = a / a.max() over the whole call's batch."""
+  context, + lambda * (M * softmax(Q Kl^T * scale)) Vl with M = a / a.max() over the whole call's batch; given
+  IP-Adapter tokens ``ip``, + ip_scale * softmax(Q Kip^T * scale) Vip (IP-Adapter's decoupled term, the layer's own
+  head width in the scale)."""
 
-  def __init__(self, to_k_local: nn.Linear | None = None, to_v_local: nn.Linear | None = None):
+  def __init__(self, to_k_local: nn.Linear | None = None, to_v_local: nn.Linear | None = None, to_k_ip=None,
+               to_v_ip=None):
     self.to_k_local, self.to_v_local = to_k_local, to_v_local
+    self.to_k_ip, self.to_v_ip = to_k_ip, to_v_ip
 
   def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, local=None,
-               index=None, lam=1.0):
+               index=None, lam=1.0, ip=None, ip_scale=1.0):
     cross = encoder_hidden_states is not None
     ctx = encoder_hidden_states if cross else hidden_states
     q = attn.head_to_batch_dim(attn.to_q(hidden_states))
@@ -88,6 +92,10 @@ class EliteProcessor:
       a = probs.permute(0, 2, 1)[torch.arange(idx.shape[0]), idx]
       m = a.unsqueeze(2) / a.max()
       out = out + (probs_local * m * lam) @ vl
+    if cross and ip is not None:
+      kip = attn.head_to_batch_dim(self.to_k_ip(ip))
+      vip = attn.head_to_batch_dim(self.to_v_ip(ip))
+      out = out + ip_scale * (q @ kip.transpose(-1, -2) * attn.scale).softmax(dim=-1) @ vip
     out = attn.batch_to_head_dim(out)
     return attn.to_out[1](attn.to_out[0](out))
 
@@ -106,20 +114,31 @@ class Proj(nn.Module):
     return x @ self.weight.T
 
 
-def install_elite(unet, global_state: dict, local_state: dict | None = None, processor=EliteProcessor):
+def install_elite(unet, global_state: dict, local_state: dict | None = None, processor=EliteProcessor,
+                  ip_state: dict | None = None):
   """The official K/V copies into a diffusers UNet (global -> each attn2's to_k/to_v, spec 3.4), ELITE processors on
-  every attention (attn1 runs plain self-attention through them, as the official class patch does)."""
+  every attention (attn1 runs plain self-attention through them, as the official class patch does).
+
+  ``ip_state``: an h94 IP-Adapter file's ``ip_adapter`` dict; the attn2 processors get its ``{id}.to_k_ip`` /
+  ``to_v_ip``, numbered as diffusers' loader numbers them (1, 3, 5... over ``unet.attn_processors`` in order).
+  """
   from tests.tiny_models import attn2_modules
+  ip_ids = {}
+  if ip_state is not None:
+    attn2 = [n[:-len(".processor")] for n in unet.attn_processors if n.endswith("attn2.processor")]
+    ip_ids = {name: 2 * k + 1 for k, name in enumerate(attn2)}
   processors = {}
   for name, module in unet.named_modules():
     if hasattr(module, "set_processor") and hasattr(module, "to_q"):
       key = name.replace(".", "_")
-      kl = vl = None
+      kl = vl = kip = vip = None
+      if name in ip_ids:
+        kip, vip = Proj(ip_state[f"{ip_ids[name]}.to_k_ip.weight"]), Proj(ip_state[f"{ip_ids[name]}.to_v_ip.weight"])
       if name.endswith("attn2"):
         module.to_k, module.to_v = Proj(global_state[f"{key}_to_k.weight"]), Proj(global_state[f"{key}_to_v.weight"])
         if local_state is not None:
           kl, vl = Proj(local_state[f"{key}_to_k.weight"]), Proj(local_state[f"{key}_to_v.weight"])
-      processors[f"{name}.processor"] = processor(kl, vl)
+      processors[f"{name}.processor"] = processor(kl, vl, kip, vip) if ip_ids else processor(kl, vl)
   assert len(attn2_modules(unet)) == sum(1 for k in processors if "attn2" in k)
   unet.set_attn_processor(processors)  # (consumes the dict)
   return unet
@@ -138,10 +157,17 @@ def clip_image(pixels_nchw, vision_model):
 
 def official_generate(*, unet, vae, text_encoder, tokenizer, vision_model, global_state, local_state, pixels_clip,
                       pixels_obj, mask16, prompt, index, latents, steps=100, guidance=5.0, lam=0.8,
-                      scaling=0.18215, words="primary"):
+                      scaling=0.18215, words="primary", controlnet=None, control_image=None, control_scale=1.0,
+                      control_start=0.0, control_end=1.0, ip_tokens=None, ip_scale=1.0):
   """The official inference loop (spec 6.2): LMS, two separate UNet calls, CFG, VAE decode, uint8.
 
   pixels_* NCHW float32 CLIP-normalised; mask16 (1, 256, 1); latents (1, 4, h, w) standard normal.
+
+  Composition (not in the official code): ``controlnet`` (diffusers' ControlNetModel) runs beside each UNet call on
+  the same latents and text, with ``control_image`` (1, 3, H, W) in [0, 1] and ``control_scale`` times diffusers'
+  keep rule for ``control_start``/``_end``; its residuals go in as ``down_block_additional_residuals``.
+  ``ip_tokens`` = (conditional, unconditional) IP-Adapter tokens for the processors ``install_elite(ip_state=...)``
+  installed, weighed by ``ip_scale``.
   """
   from diffusers import LMSDiscreteScheduler
   with torch.no_grad():
@@ -162,11 +188,20 @@ def official_generate(*, unet, vae, text_encoder, tokenizer, vision_model, globa
                                  num_train_timesteps=1000, timestep_spacing="linspace")
     sched.set_timesteps(steps)
     x = latents * sched.init_noise_sigma
-    for t in sched.timesteps:
+    for i, t in enumerate(sched.timesteps):
       xin = sched.scale_model_input(x, t)
       kwargs = {"local": local, "index": idx, "lam": lam} if local is not None else {}
-      e_c = unet(xin, t, cond, cross_attention_kwargs=kwargs).sample
-      e_u = unet(xin, t, uncond).sample
+      kw_u = {}
+      if ip_tokens is not None:
+        kwargs, kw_u = dict(kwargs, ip=ip_tokens[0], ip_scale=ip_scale), {"ip": ip_tokens[1], "ip_scale": ip_scale}
+      res_c = res_u = {}
+      if controlnet is not None:
+        keep = 1.0 - float(i / steps < control_start or (i + 1) / steps > control_end)
+        res = lambda ctx: dict(zip(("down_block_additional_residuals", "mid_block_additional_residual"), controlnet(
+            xin, t, ctx, controlnet_cond=control_image, conditioning_scale=control_scale * keep, return_dict=False)))
+        res_c, res_u = res(cond), res(uncond)
+      e_c = unet(xin, t, cond, cross_attention_kwargs=kwargs, **res_c).sample
+      e_u = unet(xin, t, uncond, cross_attention_kwargs=kw_u or None, **res_u).sample
       x = sched.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
     img = vae.decode(x / scaling).sample
     img = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()

@@ -55,20 +55,20 @@ def setup(tmp_path_factory):
               latents_nhwc=latents.transpose(0, 2, 3, 1))
 
 
-def _official(setup, *, local, words, prompt, index, steps, lam=0.8):
+def _official(setup, *, local, words, prompt, index, steps, lam=0.8, ip_state=None, **compose):
   from transformers import CLIPTokenizer
   inputs = preprocess.preprocess_concept(setup["image"], setup["mask"])
   t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None]
   m = setup["models"]
   unet = m["unet"]
-  ref.install_elite(unet, setup["states"]["global"], setup["states"]["local"] if local else None)
+  ref.install_elite(unet, setup["states"]["global"], setup["states"]["local"] if local else None, ip_state=ip_state)
   return ref.official_generate(
       unet=unet, vae=m["vae"], text_encoder=m["text_encoder"],
       tokenizer=CLIPTokenizer.from_pretrained(str(setup["root"] / "sd" / "tokenizer")), vision_model=setup["vision"],
       global_state=setup["states"]["global"], local_state=setup["states"]["local"] if local else None,
       pixels_clip=t(inputs.pixel_values_clip), pixels_obj=t(inputs.pixel_values_obj),
       mask16=torch.from_numpy(inputs.token_mask).reshape(1, 256, 1), prompt=prompt, index=index,
-      latents=torch.from_numpy(setup["latents"]), steps=steps, lam=lam, words=words)
+      latents=torch.from_numpy(setup["latents"]), steps=steps, lam=lam, words=words, **compose)
 
 
 @pytest.fixture(scope="module")

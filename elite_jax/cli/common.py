@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from elite_jax.compose import ControlNetModel
 from elite_jax.errors import InputError
 from elite_jax.models.attention import IMPLEMENTATIONS
 from elite_jax.options import WORDS, GenerationOptions
@@ -70,6 +71,24 @@ _FLAGS = {
 }
 
 
+# What composes with the concept (elite_jax.compose); only commands that call add_compose_flags have them.
+_COMPOSE_FLAGS = {
+    "--control-scale": _Flag("control_scale", float, "ControlNet conditioning scale"),
+    "--control-start": _Flag("control_start", float, "fraction of the steps where the ControlNet starts acting"),
+    "--control-end": _Flag("control_end", float, "fraction of the steps where the ControlNet stops acting"),
+}
+
+
+def add_compose_flags(p: argparse.ArgumentParser, defaults: GenerationOptions = GenerationOptions()) -> None:
+  """--controlnet, --control-image and the ControlNet's GenerationOptions flags."""
+  p.add_argument("--controlnet", help="diffusers ControlNetModel folder or hub repo id (e.g. "
+                                      "lllyasviel/sd-controlnet-canny)")
+  p.add_argument("--control-image", help="the ControlNet's conditioning image (edges, depth, pose...), resized to "
+                                         "the output size as diffusers does")
+  for flag, f in _COMPOSE_FLAGS.items():
+    p.add_argument(flag, dest=f.field, type=f.type, default=getattr(defaults, f.field), help=f.help)
+
+
 def add_generation_flags(p: argparse.ArgumentParser, defaults: GenerationOptions = GenerationOptions(), *,
                          skip: Sequence[str] = ()) -> None:
   """One flag per GenerationOptions field (but ``skip``), defaulting to ``defaults``."""
@@ -83,7 +102,8 @@ def add_generation_flags(p: argparse.ArgumentParser, defaults: GenerationOptions
 def generation_options(args: argparse.Namespace, defaults: GenerationOptions = GenerationOptions(),
                        **changes: Any) -> GenerationOptions:
   """The GenerationOptions the flags give (fields without a flag from ``defaults``), with ``changes``, validated."""
-  given = {f.field: getattr(args, f.field) for f in _FLAGS.values() if hasattr(args, f.field)}
+  given = {f.field: getattr(args, f.field) for f in (*_FLAGS.values(), *_COMPOSE_FLAGS.values())
+           if hasattr(args, f.field)}
   return defaults.replace(**given, **changes).validate()
 
 
@@ -106,13 +126,17 @@ def load_pipeline(args: argparse.Namespace, *, local: bool = True) -> ElitePipel
   """The pipeline the model flags describe (``local=False`` leaves the local mapper out)."""
   local_mapper = args.local_mapper if local else None
   if args.random_weights:
-    return ElitePipeline.from_random(dtype=args.dtype, attention_impl=args.attention,
+    pipe = ElitePipeline.from_random(dtype=args.dtype, attention_impl=args.attention,
                                      global_mapper=args.global_mapper, local_mapper=local_mapper)
+    if getattr(args, "controlnet", None):
+      pipe.set_controlnet(ControlNetModel.load(args.controlnet))
+    return pipe
   if not args.global_mapper:
     raise InputError("--global-mapper is required (the official global_mapper.pt or an elite-jax export)")
   return ElitePipeline.from_pretrained(args.pretrained, image_encoder=args.image_encoder,
                                        global_mapper=args.global_mapper, local_mapper=local_mapper,
-                                       dtype=args.dtype, attention_impl=args.attention)
+                                       dtype=args.dtype, attention_impl=args.attention,
+                                       controlnet=getattr(args, "controlnet", None))
 
 
 def model_identity(args: argparse.Namespace, *, local: bool = True) -> dict:

@@ -29,6 +29,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--mask", help="object mask (same size as --image); without it the local branch sees the whole image")
   p.add_argument("--prompt", action="append", help="prompt naming the concept by the placeholder (repeatable)")
   common.add_generation_flags(p)
+  common.add_compose_flags(p)
   p.add_argument("--init-latents", help=".npy standard-normal latents (N, 4, H/8, W/8), NCHW as diffusers")
   p.add_argument("--output", default="out.png", help="PNG path; several images are written as OUT_0.png, OUT_1.png...")
   return p.parse_args(argv)
@@ -50,12 +51,22 @@ def run(args: argparse.Namespace) -> None:
   if args.mask and not args.local_mapper and not args.random_weights:
     print("note: --mask is only used by the local branch (--local-mapper); generating global-only", file=sys.stderr)
   options = common.generation_options(args, init_latents=common.read_init_latents(args.init_latents))
+  control, resized = None, None
+  if args.control_image:
+    if not args.controlnet:
+      raise InputError("--control-image needs --controlnet")
+    control, resized = preprocess.control_image(args.control_image, options.height, options.width)
+  elif args.controlnet:
+    raise InputError("--controlnet needs --control-image")
   if args.random_weights:
     print(f"{common.RANDOM_NOTE} (install check only)", file=sys.stderr)
   pipe = common.load_pipeline(args)
   pipe.prompt_indices(prompts, options)  # prompt errors before any compilation
+  if resized is not None:  # said once the models are known to fit, so that an error stays the only line
+    print(f"note: control image {args.control_image} resized from {resized[1]}x{resized[0]} to "
+          f"{options.width}x{options.height} (PIL Lanczos, as diffusers)", file=sys.stderr)
   concept = pipe.encode_concept(image, mask)
-  images = pipe.generate(concept, prompts, options)
+  images = pipe.generate(concept, prompts, options, control_image=control)
   stem = args.output[:-4]
   paths = [args.output] if len(images) == 1 else [f"{stem}_{i}.png" for i in range(len(images))]
   for img, path in zip(images, paths):

@@ -16,6 +16,10 @@ Each attn2 also sows into the ``"attention_maps"`` collection (for ``elite_jax.i
 head-averaged text attention A (B, N, 77) of every row, and, with ``LocalInputs``, ``"local_weight"``, the
 head-averaged lambda * M (Bc, N). Unless a caller collects that collection (``mutable=["attention_maps"]``), nothing
 is stored and XLA drops the computation.
+
+With ``IPInputs`` (IP-Adapter, Ye et al. 2023), attn2 adds the decoupled image-prompt term of every row,
+``+ scale * softmax(Q Kip^T / sqrt(d)) Vip`` with ``Kip``/``Vip`` = ``to_k_ip``/``to_v_ip`` of the image tokens, after
+the ELITE terms and before ``to_out`` (diffusers' IPAdapterAttnProcessor; d is the layer's own head width).
 """
 
 from __future__ import annotations
@@ -46,6 +50,17 @@ class LocalInputs:
   max_group: int = flax.struct.field(pytree_node=False, default=1)
 
 
+@flax.struct.dataclass
+class IPInputs:
+  """IP-Adapter image-prompt tokens for every row of the UNet batch (conditional rows the image's, unconditional rows
+  those of IP-Adapter's unconditional embedding), and the weight of their attention term.
+
+  tokens: (B, T, C) with C the UNet's cross-attention width. scale: () float.
+  """
+  tokens: jax.Array
+  scale: jax.Array
+
+
 def normalise_map(a: jax.Array, group: int) -> jax.Array:
   """M = a / max(a), one max per ``group`` consecutive samples over heads and positions."""
   b = a.shape[0]
@@ -65,7 +80,8 @@ class Attention(nn.Module):
   attention_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None = None, local: LocalInputs | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None = None, local: LocalInputs | None = None,
+               ip: IPInputs | None = None) -> jax.Array:
     inner = self.heads * self.head_dim
     cross = context is not None
     context = x if context is None else context
@@ -100,6 +116,11 @@ class Attention(nn.Module):
                                             implementation=self.attention_impl)
         out_c = jnp.concatenate([out_c, rest], axis=0)
       out = out_c
+    if cross and ip is not None:
+      kip = kernels.split_heads(proj("to_k_ip")(ip.tokens.astype(x.dtype)), self.heads)
+      vip = kernels.split_heads(proj("to_v_ip")(ip.tokens.astype(x.dtype)), self.heads)
+      oip = kernels.dot_product_attention(q, kip, vip, upcast=self.upcast, implementation=self.attention_impl)
+      out = (out.astype(jnp.float32) + ip.scale.astype(jnp.float32) * oip.astype(jnp.float32)).astype(q.dtype)
 
     out = kernels.merge_heads(out)
     return layers.dense(self.out_dim, (HEADS, EMBED), dtype=self.dtype, name="to_out_0")(out)
@@ -139,11 +160,12 @@ class BasicTransformerBlock(nn.Module):
   attention_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array, local: LocalInputs | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array, local: LocalInputs | None = None,
+               ip: IPInputs | None = None) -> jax.Array:
     attn = lambda name: Attention(self.heads, self.head_dim, self.dim, upcast=self.upcast, dtype=self.dtype,
                                   attention_impl=self.attention_impl, name=name)
     x = x + attn("attn1")(layers.layer_norm(1e-5, dtype=self.dtype, name="norm1")(x))
-    x = x + attn("attn2")(layers.layer_norm(1e-5, dtype=self.dtype, name="norm2")(x), context, local)
+    x = x + attn("attn2")(layers.layer_norm(1e-5, dtype=self.dtype, name="norm2")(x), context, local, ip)
     return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(layers.layer_norm(1e-5, dtype=self.dtype,
                                                                                     name="norm3")(x))
 
@@ -161,7 +183,8 @@ class Transformer2D(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array, local: LocalInputs | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array, local: LocalInputs | None = None,
+               ip: IPInputs | None = None) -> jax.Array:
     b, h, w, c = x.shape
     residual = x
     x = layers.group_norm(self.groups, 1e-6, dtype=self.dtype, name="norm")(x)
@@ -172,7 +195,7 @@ class Transformer2D(nn.Module):
     block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
     for i in range(self.num_layers):
       x = block_cls(self.channels, self.heads, self.channels // self.heads, upcast=self.upcast, dtype=self.dtype,
-                    attention_impl=self.attention_impl, name=f"transformer_blocks_{i}")(x, context, local)
+                    attention_impl=self.attention_impl, name=f"transformer_blocks_{i}")(x, context, local, ip)
     if self.use_linear_projection:
       x = layers.dense(c, (MLP, EMBED), dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
     else:

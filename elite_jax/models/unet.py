@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from elite_jax.errors import InputError
 from elite_jax.models import layers
-from elite_jax.models.elite_attention import LocalInputs, Transformer2D
+from elite_jax.models.elite_attention import IPInputs, LocalInputs, Transformer2D
 from elite_jax.models.layers import EMBED, MLP
 from elite_jax.types import Dtype, Params
 
@@ -179,7 +179,7 @@ class UNetBlock(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x, temb, context, local, skips=(), up_size=None):
+  def __call__(self, x, temb, context, local, skips=(), up_size=None, ip=None):
     cfg = self.config
     res_cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
     scale = cfg.mid_block_scale_factor if self.kind == "mid" else 1.0
@@ -191,7 +191,7 @@ class UNetBlock(nn.Module):
     outputs = []
     if self.kind == "mid":
       x = resnet(0)(x, temb)
-      x = attn(0)(x, context, local)
+      x = attn(0)(x, context, local, ip)
       return resnet(1)(x, temb), outputs
     skips = list(skips)
     for j in range(self.num_layers):
@@ -199,7 +199,7 @@ class UNetBlock(nn.Module):
         x = jnp.concatenate([x, skips.pop()], axis=-1)
       x = resnet(j)(x, temb)
       if self.cross_attention:
-        x = attn(j)(x, context, local)
+        x = attn(j)(x, context, local, ip)
       outputs.append(x)
     if self.sample and self.kind == "down":
       x = Conv(self.channels, stride=2, padding=cfg.downsample_padding, dtype=self.dtype, name="downsamplers_0")(x)
@@ -211,8 +211,20 @@ class UNetBlock(nn.Module):
     return x, outputs
 
 
+def embed_time(config: UNetConfig, timesteps: jax.Array, batch: int, dtype: Dtype) -> jax.Array:
+  """The time embedding (sinusoid, then ``time_embedding``); call inside a compact module, which owns the layer."""
+  timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+  chans = config.block_out_channels
+  temb = timestep_embedding(timesteps, chans[0], config.flip_sin_to_cos, config.freq_shift).astype(dtype)
+  return TimestepEmbedding(4 * chans[0], dtype=dtype, name="time_embedding")(temb)
+
+
 class UNet(nn.Module):
-  """eps/v prediction: (latents NHWC, timesteps (B,), text context (B, 77, C), optional ELITE local) -> NHWC."""
+  """eps/v prediction: (latents NHWC, timesteps (B,), text context (B, 77, C), optional ELITE local) -> NHWC.
+
+  ``control``: ControlNet residuals (down, mid), already scaled, added to the skips and to the mid block's output as
+  diffusers' ``down_block_additional_residuals`` / ``mid_block_additional_residual``. ``ip``: IP-Adapter tokens.
+  """
   config: UNetConfig
   dtype: Dtype = jnp.float32
   attention_impl: str = "auto"
@@ -228,15 +240,14 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
-               local: LocalInputs | None = None) -> jax.Array:
+               local: LocalInputs | None = None, control: tuple | None = None,
+               ip: IPInputs | None = None) -> jax.Array:
     cfg = self.config
     chans, n = cfg.block_out_channels, len(cfg.block_out_channels)
     block = functools.partial(UNetBlock, cfg, dtype=self.dtype, attention_impl=self.attention_impl,
                               remat=self.remat)
 
-    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
-    temb = timestep_embedding(timesteps, chans[0], cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
-    temb = TimestepEmbedding(4 * chans[0], dtype=self.dtype, name="time_embedding")(temb)
+    temb = embed_time(cfg, timesteps, sample.shape[0], self.dtype)
     context = context.astype(self.dtype)
     if local is not None:
       local = local.replace(features=local.features.astype(self.dtype))
@@ -245,17 +256,24 @@ class UNet(nn.Module):
     skips = [x]
     for i, t in enumerate(cfg.down_block_types):
       x, out = block("down", chans[i], cfg.layers_per_block, cfg.heads[i], cfg.transformer_layers_per_block[i],
-                     t.startswith("CrossAttn"), i < n - 1, name=f"down_blocks_{i}")(x, temb, context, local)
+                     t.startswith("CrossAttn"), i < n - 1, name=f"down_blocks_{i}")(x, temb, context, local,
+                                                                                     ip=ip)
       skips += out
     x, _ = block("mid", chans[-1], 1, cfg.heads[-1], cfg.transformer_layers_per_block[-1], True, False,
-                 name="mid_block")(x, temb, context, local)
+                 name="mid_block")(x, temb, context, local, ip=ip)
+    if control is not None:
+      down, mid = control
+      if len(down) != len(skips):
+        raise ValueError(f"{len(down)} ControlNet down residuals for {len(skips)} UNet skips")
+      skips = [s + r.astype(s.dtype) for s, r in zip(skips, down)]
+      x = x + mid.astype(x.dtype)
     rev_heads, rev_tl = cfg.heads[::-1], cfg.transformer_layers_per_block[::-1]
     for i, t in enumerate(cfg.up_block_types):
       k = cfg.layers_per_block + 1
       skips, mine = skips[:-k], skips[-k:]
       up_size = skips[-1].shape[1:3] if skips else None
       x, _ = block("up", chans[::-1][i], k, rev_heads[i], rev_tl[i], t.startswith("CrossAttn"), i < n - 1,
-                   name=f"up_blocks_{i}")(x, temb, context, local, tuple(mine), up_size)
+                   name=f"up_blocks_{i}")(x, temb, context, local, tuple(mine), up_size, ip)
 
     x = nn.silu(layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name="conv_norm_out")(x))
     return layers.conv(cfg.out_channels, dtype=self.dtype, name="conv_out")(x)

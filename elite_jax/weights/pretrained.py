@@ -20,6 +20,7 @@ from transformers import CLIPTokenizer
 from elite_jax.errors import InputError
 from elite_jax.models.clip import (CLIPModel, CLIPTextTransformer, CLIPVisionTransformer, text_config_from_transformers,
                                    vision_config_from_transformers)
+from elite_jax.models.controlnet import ControlNet, ControlNetConfig
 from elite_jax.models.unet import UNet, UNetConfig
 from elite_jax.models.vae import AutoencoderKL, VAEConfig
 from elite_jax.models.vit import ViTConfig, ViTModel
@@ -114,6 +115,15 @@ def load_unet(folder: Path, **module_kw) -> tuple[UNet, Params]:
   """A diffusers UNet2DConditionModel folder; ``module_kw`` (dtype, attention_impl, remat) go to the module."""
   module = UNet(UNetConfig.from_diffusers(read_json(folder / "config.json")), **module_kw)
   return module, _checked(module, convert.torch_to_flax(read_weights(folder)), f"UNet weights in {folder}")
+
+
+def load_controlnet(folder: Path, **module_kw) -> tuple[ControlNet, Params]:
+  """A diffusers ControlNetModel folder (SD 1.x canny/depth/openpose... ControlNets)."""
+  cfg = read_json(folder / "config.json")
+  if cfg.get("_class_name", "ControlNetModel") != "ControlNetModel":
+    raise InputError(f"{folder} holds a {cfg['_class_name']}, not a ControlNetModel")
+  module = ControlNet(ControlNetConfig.from_diffusers(cfg), **module_kw)
+  return module, _checked(module, convert.torch_to_flax(read_weights(folder)), f"ControlNet weights in {folder}")
 
 
 def load_vae(folder: Path, **module_kw) -> tuple[AutoencoderKL, Params]:
