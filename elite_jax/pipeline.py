@@ -27,10 +27,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from elite_jax import concept as concept_lib, preprocess, schedulers, text, tiny
-from elite_jax.compose import ControlNetModel
+from elite_jax.compose import ControlNetModel, IPAdapter
 from elite_jax.concept import Concept, MapperBundle
 from elite_jax.errors import InputError
-from elite_jax.models.elite_attention import LocalInputs
+from elite_jax.models.elite_attention import IPInputs, LocalInputs
 from elite_jax.models.vae import AutoencoderKL
 from elite_jax.options import GenerationOptions
 from elite_jax.stable_diffusion import StableDiffusion
@@ -43,16 +43,18 @@ class ElitePipeline:
   dtype (``sd.configure(dtype=...)``)."""
 
   def __init__(self, sd: StableDiffusion, global_mapper: MapperBundle, local_mapper: MapperBundle | None = None, *,
-               controlnet: ControlNetModel | None = None):
+               controlnet: ControlNetModel | None = None, ip_adapter: IPAdapter | None = None):
     sd.check()
     self.sd = sd
     self._models = jax.device_put(cast_floating(sd.params, sd.dtype))
     self._compiled: dict = {}
     self._bar = None  # the progress bar the jitted loop's host callback advances
-    self.controlnet = None
+    self.controlnet = self.ip_adapter = None
     self.set_mappers(global_mapper, local_mapper)
     if controlnet is not None:
       self.set_controlnet(controlnet)
+    if ip_adapter is not None:
+      self.set_ip_adapter(ip_adapter)
 
   def set_controlnet(self, controlnet: ControlNetModel | None) -> None:
     """Add this ControlNet's residuals from now on (None removes it); InputError when it does not fit the UNet."""
@@ -62,6 +64,17 @@ class ElitePipeline:
       controlnet = dataclasses.replace(controlnet, params=jax.device_put(cast_floating(controlnet.params,
                                                                                        self.sd.dtype)))
     self.controlnet = controlnet
+    self._compiled.clear()
+    self._assemble()
+
+  def set_ip_adapter(self, ip_adapter: IPAdapter | None) -> None:
+    """Add this IP-Adapter's image-prompt term to every cross-attention from now on (None removes it)."""
+    if ip_adapter is not None:
+      ip_adapter = ip_adapter.configure(dtype=self.sd.dtype, attention_impl=self.sd.unet.attention_impl)
+      ip_adapter = dataclasses.replace(ip_adapter, params=jax.device_put(cast_floating(ip_adapter.params,
+                                                                                       self.sd.dtype)),
+                                       kv=jax.device_put(cast_floating(ip_adapter.kv, self.sd.dtype)))
+    self.ip_adapter = ip_adapter
     self._compiled.clear()
     self._assemble()
 
@@ -83,12 +96,16 @@ class ElitePipeline:
   def _assemble(self) -> None:
     """``self.params``: the models with the mappers' K/V merged into the UNet, the mappers and any composed model."""
     kv = [m.kv for m in (self.global_mapper, self.local_mapper) if m is not None]
+    if getattr(self, "ip_adapter", None) is not None:
+      kv.append(self.ip_adapter.kv)
     params = dict(self._models, unet=concept_lib.merge_kv(self._models["unet"], *kv),
                   global_mapper=self.global_mapper.mlp)
     if self.local_mapper is not None:
       params["local_mapper"] = self.local_mapper.mlp
     if getattr(self, "controlnet", None) is not None:
       params["controlnet"] = self.controlnet.params
+    if getattr(self, "ip_adapter", None) is not None:
+      params["ip_adapter"] = self.ip_adapter.params
     self.params = params
 
   # ---------------------------------------------------------------------------------------------------------------
@@ -97,14 +114,17 @@ class ElitePipeline:
                       image_encoder: str | os.PathLike = "openai/clip-vit-large-patch14",
                       global_mapper: str | os.PathLike, local_mapper: str | os.PathLike | None = None,
                       dtype: str = "float32", attention_impl: str = "auto",
-                      controlnet: str | os.PathLike | None = None) -> ElitePipeline:
+                      controlnet: str | os.PathLike | None = None, ip_adapter: str | os.PathLike | None = None,
+                      ip_image_encoder: str | os.PathLike | None = None) -> ElitePipeline:
     """Stable Diffusion from a diffusers folder or hub id, the CLIP image encoder, official or our mapper files;
-    optionally a diffusers ControlNetModel folder or hub id."""
+    optionally a diffusers ControlNetModel folder or hub id, and an h94 IP-Adapter file with its
+    CLIPVisionModelWithProjection (default: ``image_encoder/`` beside the file)."""
     if not global_mapper:
       raise InputError("a global mapper is required (the official global_mapper.pt or an elite-jax export)")
     sd = StableDiffusion.load(pretrained, image_encoder, dtype=dtype, attention_impl=attention_impl)
     cn = ControlNetModel.load(controlnet) if controlnet else None
-    return cls(sd, *_mappers(sd, global_mapper, local_mapper), controlnet=cn)
+    ip = IPAdapter.load(ip_adapter, ip_image_encoder, sd.unet.config) if ip_adapter else None
+    return cls(sd, *_mappers(sd, global_mapper, local_mapper), controlnet=cn, ip_adapter=ip)
 
   @classmethod
   def from_random(cls, size: str = "tiny", *, seed: int = 0, dtype: str = "float32", attention_impl: str = "auto",
@@ -174,6 +194,7 @@ class ElitePipeline:
   # ---------------------------------------------------------------------------------------------------------------
   def generate(self, concept: Concept, prompts: str | Sequence[str], options: GenerationOptions | None = None, *,
                control_image: str | os.PathLike | np.ndarray | None = None,
+               ip_image: str | os.PathLike | np.ndarray | None = None,
                progress: bool | Callable[[int, int], Any] = True, attention_maps: bool = False,
                **changes: Any) -> np.ndarray | tuple[np.ndarray, dict]:
     """Images (len(prompts) * num_images, H, W, 3) uint8, prompt-major.
@@ -189,10 +210,11 @@ class ElitePipeline:
 
     ``control_image`` (path, (H, W, 3) uint8, or float in [0, 1]): required with a ControlNet loaded; resized to the
     output size as diffusers does, with a warning saying so. ``options.control_scale``/``control_start``/
-    ``control_end`` weigh it.
+    ``control_end`` weigh it. ``ip_image`` (path or (H, W, 3) uint8): the image prompt, required with an
+    IP-Adapter loaded, weighed by ``options.ip_scale``.
     """
     opts = self.options(options, **changes)
-    extras = self._extras(opts, control_image)
+    extras = self._extras(opts, control_image, ip_image)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
       raise InputError("no prompt given")
@@ -232,9 +254,24 @@ class ElitePipeline:
     images = np.concatenate([o[0] for o in out], axis=0)
     return images, _maps_by_resolution([o[1] for o in out], latent_shape[1:3])
 
-  def _extras(self, opts: GenerationOptions, control_image) -> dict:
+  def encode_ip_image(self, image: str | os.PathLike | np.ndarray) -> jax.Array:
+    """(2, tokens, C): the IP-Adapter tokens of ``image`` (path or (H, W, 3) uint8), then the unconditional ones."""
+    if self.ip_adapter is None:
+      raise InputError("an IP-Adapter image needs an IP-Adapter (--ip-adapter)")
+    pixels = preprocess.ip_image(image)
+    fn = self._compiled.get("ip_encode")
+    if fn is None:
+      fn = self._compiled["ip_encode"] = jax.jit(lambda p, x: self.ip_adapter.tokens(p["ip_adapter"], x))
+    return fn(self.params, jnp.asarray(pixels)[None])
+
+  def _extras(self, opts: GenerationOptions, control_image, ip_image) -> dict:
     """The composed models' inputs of one generate call (arrays; None where a model is not used)."""
-    extras = {"control": None}
+    extras = {"control": None, "ip": None}
+    if (ip_image is None) != (self.ip_adapter is None):
+      raise InputError("an IP-Adapter image needs an IP-Adapter (--ip-adapter)" if self.ip_adapter is None else
+                       "an IP-Adapter is loaded: give its image (--ip-image)")
+    if self.ip_adapter is not None:
+      extras["ip"] = (self.encode_ip_image(ip_image), jnp.float32(opts.ip_scale))
     if (control_image is None) != (self.controlnet is None):
       raise InputError("a control image needs a ControlNet (--controlnet)" if self.controlnet is None else
                        "a ControlNet is loaded: give a control image (--control-image)")
@@ -250,8 +287,8 @@ class ElitePipeline:
   def _denoise(self, concept, ids, index, init, sampler, guidance, lam, k, progress, maps=False, extras=None):
     cfg = guidance != 1.0
     use_local = concept.local is not None and lam > 0
-    extras = extras or {"control": None}
-    key = ("denoise", cfg, use_local, k, progress, maps, extras["control"] is not None)
+    extras = extras or {"control": None, "ip": None}
+    key = ("denoise", cfg, use_local, k, progress, maps, extras["control"] is not None, extras["ip"] is not None)
     fn = self._compiled.get(key)
     if fn is None:
       fn = self._compiled[key] = jax.jit(functools.partial(self._denoise_fn, cfg=cfg, use_local=use_local, k=k,
@@ -279,6 +316,11 @@ class ElitePipeline:
       feats = jnp.broadcast_to(local, (b,) + local.shape[1:])
       local_in = LocalInputs(feats, index, jnp.full((b,), lam, jnp.float32), max_group=1)
 
+    ip_in = None
+    if extras["ip"] is not None:  # conditional rows the image's tokens, unconditional rows IP-Adapter's uncond ones
+      tokens, ip_scale = extras["ip"]
+      rows = [jnp.broadcast_to(tokens[j:j + 1], (b,) + tokens.shape[1:]) for j in ((0, 1) if cfg else (0,))]
+      ip_in = IPInputs(jnp.concatenate(rows, axis=0), ip_scale)
     control = None
     if extras["control"] is not None:
       pixels, keep, control_scale = extras["control"]
@@ -289,7 +331,7 @@ class ElitePipeline:
       if control is not None:  # the ControlNet sees what the UNet sees: both CFG branches, the concept's words
         residuals = self.controlnet.module.apply({"params": params["controlnet"]}, xin, t, context, control,
                                                  control_scale * keep[i])
-      run = functools.partial(sd.unet.apply, {"params": params["unet"]}, xin, t, context, local_in, residuals)
+      run = functools.partial(sd.unet.apply, {"params": params["unet"]}, xin, t, context, local_in, residuals, ip_in)
       if not maps:
         return run(), None
       eps, sown = run(mutable=["attention_maps"])

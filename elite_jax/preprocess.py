@@ -105,6 +105,24 @@ def control_image(image: str | os.PathLike | np.ndarray, height: int, width: int
   return image.astype(np.float32) / np.float32(255), original
 
 
+def ip_image(image: str | os.PathLike | np.ndarray) -> np.ndarray:
+  """IP-Adapter's image input as its ``CLIPImageProcessor()`` makes it: shortest side to 224 (PIL bicubic, the long
+  side truncated), centre crop 224 x 224, CLIP-normalised. (224, 224, 3) float32."""
+  if not isinstance(image, np.ndarray):
+    image = load_image(image)
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+    raise InputError(f"IP-Adapter image must be a non-empty (H, W, 3) uint8 RGB array, got shape {image.shape} "
+                     f"{image.dtype}")
+  h, w = image.shape[:2]
+  short, long = min(h, w), max(h, w)
+  new_long = int(CLIP_SIZE * long / short)
+  size = (CLIP_SIZE, new_long) if w <= h else (new_long, CLIP_SIZE)  # (width, height)
+  resized = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(size, resample=Image.BICUBIC))
+  top, left = (resized.shape[0] - CLIP_SIZE) // 2, (resized.shape[1] - CLIP_SIZE) // 2
+  return clip_normalize(resized[top:top + CLIP_SIZE, left:left + CLIP_SIZE])
+
+
 def clip_normalize(x: np.ndarray) -> np.ndarray:
   """uint8 (..., 3) -> float32 ``(x / 255 - mean) / std``, with torchvision's ToTensor + Normalize float32 rounding."""
   t = x.astype(np.float32) / np.float32(255)

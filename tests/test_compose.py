@@ -25,6 +25,8 @@ from tests import tiny_models
 from tests.test_pipeline import PHOTO, SIZE, _official, psnr
 
 STEPS = 6
+IP_PHOTO = PHOTO.parents[1] / "teapot" / "00.jpg"  # the image prompt: another photo
+EMBED_DIM = 16  # the tiny image encoder's projection width (ViT-H/14's is 1024)
 
 
 def _rel(a, b):
@@ -45,6 +47,30 @@ def controlnet_config(unet_config: dict, **over) -> dict:
 def make_controlnet(config: dict, seed: int, scale: float = 0.05):
   torch.manual_seed(seed)
   return tiny_models.randomize(ControlNetModel(**config), seed, scale)  # the zero-initialised convs become live
+
+
+def ip_adapter_state(unet, *, embed_dim: int = EMBED_DIM, seed: int = 0, scale: float = 0.3) -> dict:
+  """An h94 SD 1.5 IP-Adapter file's dict for a diffusers UNet, random values: ``image_proj`` (4 tokens) and
+  ``ip_adapter`` numbered as h94's files are (every attention processor of ``unet.attn_processors`` in order;
+  attn2 at the odd numbers)."""
+  g = torch.Generator().manual_seed(seed)
+  rnd = lambda *shape, s=scale: s * torch.randn(*shape, generator=g)
+  c = unet.config.cross_attention_dim
+  proj = {"proj.weight": rnd(4 * c, embed_dim), "proj.bias": rnd(4 * c), "norm.weight": 1 + rnd(c, s=0.1),
+          "norm.bias": rnd(c, s=0.1)}
+  ip = {}
+  for i, name in enumerate(unet.attn_processors):
+    if name.endswith("attn2.processor"):
+      width = unet.get_submodule(name[:-len(".processor")]).to_q.out_features
+      ip[f"{i}.to_k_ip.weight"], ip[f"{i}.to_v_ip.weight"] = rnd(width, c), rnd(width, c)
+  return {"image_proj": proj, "ip_adapter": ip}
+
+
+def make_ip_encoder(seed: int = 0):
+  from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+  torch.manual_seed(seed)
+  cfg = CLIPVisionConfig(**dict(tiny_models.vision_config(2), projection_dim=EMBED_DIM))
+  return tiny_models.randomize(CLIPVisionModelWithProjection(cfg), seed, scale=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +94,13 @@ def setup(tmp_path_factory):
   Image.fromarray(control).save(root / "control.png")
   latents = np.random.default_rng(0).standard_normal((1, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
   np.save(root / "latents.npy", latents)
+  ip_state = ip_adapter_state(models["unet"], seed=31)
+  (root / "ip").mkdir()
+  torch.save(ip_state, root / "ip" / "ip-adapter_sd15.bin")  # nested, as h94's .bin
+  ip_encoder = make_ip_encoder(seed=32)
+  ip_encoder.save_pretrained(root / "ip" / "image_encoder")  # where h94/IP-Adapter keeps it
   return dict(root=root, models=models, vision=vision, states=states, image=image, mask=mask, latents=latents,
-              latents_nhwc=latents.transpose(0, 2, 3, 1), controlnet=cn)
+              latents_nhwc=latents.transpose(0, 2, 3, 1), controlnet=cn, ip_state=ip_state, ip_encoder=ip_encoder)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,6 +174,128 @@ def test_elite_with_controlnet_matches_reference(setup, pipe):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# IP-Adapter
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_ip_attention_matches_diffusers_processor():
+  """Our attn2 with IPInputs against diffusers' Attention + IPAdapterAttnProcessor (head width 6, not 64)."""
+  import jax.numpy as jnp
+  from diffusers.models.attention_processor import Attention as TorchAttention, IPAdapterAttnProcessor
+  from elite_jax.models.elite_attention import Attention, IPInputs
+  torch.manual_seed(0)
+  dim, ctx_dim, heads, head_dim = 24, 16, 4, 6
+  attn = TorchAttention(dim, cross_attention_dim=ctx_dim, heads=heads, dim_head=head_dim, out_bias=True)
+  proc = IPAdapterAttnProcessor(dim, ctx_dim, num_tokens=(4,), scale=0.6)
+  tiny_models.randomize(attn, 0, 0.3), tiny_models.randomize(proc, 1, 0.3)
+  attn.set_processor(proc)
+  w = lambda m: m.weight.detach().numpy().T
+  params = {"to_q": {"kernel": w(attn.to_q)}, "to_k": {"kernel": w(attn.to_k)}, "to_v": {"kernel": w(attn.to_v)},
+            "to_k_ip": {"kernel": w(proc.to_k_ip[0])}, "to_v_ip": {"kernel": w(proc.to_v_ip[0])},
+            "to_out_0": {"kernel": w(attn.to_out[0]), "bias": attn.to_out[0].bias.detach().numpy()}}
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 20, dim)).astype(np.float32)
+  c = rng.standard_normal((2, 77, ctx_dim)).astype(np.float32)
+  tokens = rng.standard_normal((2, 4, ctx_dim)).astype(np.float32)
+  got = Attention(heads, head_dim, dim).apply({"params": params}, x, c, None, IPInputs(tokens, jnp.float32(0.6)))
+  plain = Attention(heads, head_dim, dim).apply({"params": params}, x, c)
+  with torch.no_grad():
+    want = attn(torch.from_numpy(x), (torch.from_numpy(c), [torch.from_numpy(tokens)])).numpy()
+  assert _rel(got, want) < 1e-5
+  assert np.abs(np.asarray(plain) - want).max() > 1e-2  # the term is live
+
+
+def test_ip_adapter_unet_matches_diffusers_loader(setup):
+  """The h94 file through our loader into the UNet, against diffusers' own IP-Adapter loading of the same dict."""
+  from diffusers import UNet2DConditionModel
+  from elite_jax.compose import IPAdapter
+  from elite_jax.concept import merge_kv
+  from elite_jax.models.elite_attention import IPInputs
+  root = setup["root"]
+  tunet = UNet2DConditionModel.from_pretrained(root / "sd" / "unet").eval()
+  tunet._load_ip_adapter_weights([setup["ip_state"]])
+  module, params = pretrained.load_unet(root / "sd" / "unet")
+  ip = IPAdapter.load(root / "ip" / "ip-adapter_sd15.bin", None, module.config)
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  ctx = rng.standard_normal((2, 77, tiny_models.TEXT_DIM)).astype(np.float32)
+  embeds = rng.standard_normal((2, EMBED_DIM)).astype(np.float32)
+  t = np.array([500.0, 20.0], np.float32)
+  tokens = ip.projection.apply({"params": ip.params["image_proj"]}, embeds)
+  got = jax.jit(module.apply)({"params": merge_kv(params, ip.kv)}, x, t, ctx, None, None, IPInputs(tokens, 0.7))
+  tunet.set_ip_adapter_scale(0.7) if hasattr(tunet, "set_ip_adapter_scale") else None
+  for p in tunet.attn_processors.values():
+    if hasattr(p, "scale"):
+      p.scale = [0.7]
+  with torch.no_grad():
+    want = tunet(_nchw(x), torch.from_numpy(t), torch.from_numpy(ctx),
+                 added_cond_kwargs={"image_embeds": [torch.from_numpy(embeds)[:, None]]}).sample
+  assert _rel(got, want.permute(0, 2, 3, 1).numpy()) < 2e-5
+
+
+def _ip_reference_tokens(setup, image_path):
+  """(cond, uncond) tokens in PyTorch: transformers' CLIPImageProcessor and CLIPVisionModelWithProjection, diffusers'
+  ImageProjection from the same file; the unconditional ones from a zero embedding, as IP-Adapter does."""
+  from diffusers import UNet2DConditionModel
+  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+  pixels = CLIPImageProcessorPil()(Image.open(image_path).convert("RGB"), return_tensors="pt").pixel_values
+  unet = UNet2DConditionModel.from_pretrained(setup["root"] / "sd" / "unet")
+  proj = unet._convert_ip_adapter_image_proj_to_diffusers(setup["ip_state"]["image_proj"])
+  with torch.no_grad():
+    embeds = setup["ip_encoder"](pixel_values=pixels).image_embeds
+    return proj(embeds), proj(torch.zeros_like(embeds))
+
+
+def test_ip_image_preprocessing_matches_clip_processor():
+  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+  for path in (IP_PHOTO, PHOTO):
+    want = CLIPImageProcessorPil()(Image.open(path).convert("RGB"), return_tensors="np").pixel_values[0]
+    np.testing.assert_allclose(preprocess.ip_image(path), want.transpose(1, 2, 0), atol=2e-6)
+
+
+def test_elite_with_ip_adapter_matches_reference(setup):
+  root = setup["root"]
+  pipe = ElitePipeline.from_pretrained(root / "sd", image_encoder=root / "clip",
+                                       global_mapper=root / "global_mapper.pt", local_mapper=root / "local_mapper.pt",
+                                       ip_adapter=root / "ip" / "ip-adapter_sd15.bin")
+  concept = pipe.encode_concept(PHOTO, root / "mask.png")
+  prompt = "a photo of a S on the beach"
+  kw = dict(steps=STEPS, lam=0.8, init_latents=setup["latents_nhwc"], height=SIZE, width=SIZE, progress=False)
+  got = pipe.generate(concept, prompt, ip_image=IP_PHOTO, ip_scale=0.7, **kw)
+  want = _official(setup, local=True, words="primary", prompt=prompt, index=5, steps=STEPS,
+                   ip_state=setup["ip_state"]["ip_adapter"], ip_tokens=_ip_reference_tokens(setup, IP_PHOTO),
+                   ip_scale=0.7)
+  print("ELITE + IP-Adapter vs reference PSNR:", psnr(got[0], want[0]))
+  assert psnr(got[0], want[0]) >= 40, psnr(got[0], want[0])
+  off = pipe.generate(concept, prompt, ip_image=IP_PHOTO, ip_scale=0.0, **kw)
+  assert psnr(off[0], want[0]) < 35, psnr(off[0], want[0])
+
+
+def test_both_through_infer_match_reference(setup, tmp_path, capsys):
+  """ControlNet and IP-Adapter together, through the command line, against the restatement with both."""
+  root = setup["root"]
+  out = tmp_path / "both.png"
+  code = infer.main(["--pretrained", str(root / "sd"), "--image-encoder", str(root / "clip"),
+                     "--global-mapper", str(root / "global_mapper.pt"), "--local-mapper", str(root / "local_mapper.pt"),
+                     "--mask", str(root / "mask.png"), "--image", str(PHOTO), "--prompt", "a photo of a S on the beach",
+                     "--steps", str(STEPS), "--height", str(SIZE), "--width", str(SIZE),
+                     "--init-latents", str(root / "latents.npy"), "--output", str(out),
+                     "--controlnet", str(root / "controlnet"), "--control-image", str(root / "control.png"),
+                     "--control-scale", "0.5", "--control-start", "0.2",
+                     "--ip-adapter", str(root / "ip" / "ip-adapter_sd15.bin"), "--ip-image", str(IP_PHOTO),
+                     "--ip-scale", "0.6"])
+  err = capsys.readouterr().err
+  assert code == 0, err
+  assert "control image" in err and "resized from 40x48 to 64x64" in err
+  got = np.asarray(Image.open(out))
+  want = _official(setup, local=True, words="primary", prompt="a photo of a S on the beach", index=5, steps=STEPS,
+                   controlnet=setup["controlnet"], control_image=_control_nchw(setup), control_scale=0.5,
+                   control_start=0.2, ip_state=setup["ip_state"]["ip_adapter"],
+                   ip_tokens=_ip_reference_tokens(setup, IP_PHOTO), ip_scale=0.6)
+  print("ELITE + ControlNet + IP-Adapter (infer) vs reference PSNR:", psnr(got, want[0]))
+  assert psnr(got, want[0]) >= 40, psnr(got, want[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Bad input: one line, exit code 2
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -177,3 +330,29 @@ def test_controlnet_bad_inputs(setup, tmp_path, capsys):
   assert "start < end" in _bad(setup, tmp_path, capsys, **{"--control-start": "0.6", "--control-end": "0.5"})
   with pytest.raises(InputError, match="do not fit this UNet"):
     ElitePipeline.from_random().set_controlnet(FlaxControlNet.load(tmp_path / "narrow"))
+
+
+def test_ip_adapter_bad_inputs(setup, tmp_path, capsys):
+  root, state = setup["root"], setup["ip_state"]
+  ip = {"--controlnet": None, "--control-image": None, "--ip-adapter": str(root / "ip" / "ip-adapter_sd15.bin"),
+        "--ip-image": str(IP_PHOTO)}
+  def bad_file(name, st):
+    torch.save(st, tmp_path / name)
+    return _bad(setup, tmp_path, capsys, **dict(ip, **{"--ip-adapter": str(tmp_path / name),
+                                                        "--ip-image-encoder": str(root / "ip" / "image_encoder")}))
+  plus = {"image_proj": {"latents": torch.zeros(1, 16, 32), "proj_in.weight": torch.zeros(32, 16)},
+          "ip_adapter": state["ip_adapter"]}
+  assert "plus/full/FaceID" in bad_file("plus.bin", plus)
+  wide = ip_adapter_state(setup["models"]["unet"], seed=1)
+  wide["image_proj"] = {k: torch.cat([v, v], 0) if v.ndim else v for k, v in wide["image_proj"].items()}
+  wide["image_proj"]["proj.weight"] = torch.zeros(4 * 64, EMBED_DIM)
+  assert "tokens of width 64" in bad_file("wide.bin", wide)
+  few = {"image_proj": state["image_proj"], "ip_adapter": dict(list(state["ip_adapter"].items())[:2])}
+  assert "for 1 cross-attention layers but this UNet has" in bad_file("few.bin", few)
+  assert "not an IP-Adapter file" in bad_file("mapper.bin", setup["states"]["global"])
+  other_embed = {"image_proj": dict(state["image_proj"], **{"proj.weight": torch.zeros(4 * 32, 24)}),
+                 "ip_adapter": state["ip_adapter"]}
+  assert "reads 24-d image embeddings" in bad_file("embed24.bin", other_embed)
+  assert "needs --ip-adapter" in _bad(setup, tmp_path, capsys, **dict(ip, **{"--ip-adapter": None}))
+  assert "needs --ip-image" in _bad(setup, tmp_path, capsys, **dict(ip, **{"--ip-image": None}))
+  assert "not found" in _bad(setup, tmp_path, capsys, **dict(ip, **{"--ip-image": str(tmp_path / "none.jpg")}))

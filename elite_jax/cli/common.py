@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from elite_jax.compose import ControlNetModel
+from elite_jax.compose import ControlNetModel, IPAdapter
 from elite_jax.errors import InputError
 from elite_jax.models.attention import IMPLEMENTATIONS
 from elite_jax.options import WORDS, GenerationOptions
@@ -76,15 +76,20 @@ _COMPOSE_FLAGS = {
     "--control-scale": _Flag("control_scale", float, "ControlNet conditioning scale"),
     "--control-start": _Flag("control_start", float, "fraction of the steps where the ControlNet starts acting"),
     "--control-end": _Flag("control_end", float, "fraction of the steps where the ControlNet stops acting"),
+    "--ip-scale": _Flag("ip_scale", float, "weight of the IP-Adapter's image-prompt attention"),
 }
 
 
 def add_compose_flags(p: argparse.ArgumentParser, defaults: GenerationOptions = GenerationOptions()) -> None:
-  """--controlnet, --control-image and the ControlNet's GenerationOptions flags."""
+  """--controlnet, --control-image, --ip-adapter, --ip-image-encoder, --ip-image and their GenerationOptions flags."""
   p.add_argument("--controlnet", help="diffusers ControlNetModel folder or hub repo id (e.g. "
                                       "lllyasviel/sd-controlnet-canny)")
   p.add_argument("--control-image", help="the ControlNet's conditioning image (edges, depth, pose...), resized to "
                                          "the output size as diffusers does")
+  p.add_argument("--ip-adapter", help="IP-Adapter file, h94's SD 1.5 plain variant (ip-adapter_sd15.bin/.safetensors)")
+  p.add_argument("--ip-image-encoder", help="its CLIPVisionModelWithProjection folder or hub id (default: "
+                                            "image_encoder/ beside the file, as in h94/IP-Adapter)")
+  p.add_argument("--ip-image", help="the IP-Adapter's image prompt (style, details)")
   for flag, f in _COMPOSE_FLAGS.items():
     p.add_argument(flag, dest=f.field, type=f.type, default=getattr(defaults, f.field), help=f.help)
 
@@ -130,13 +135,17 @@ def load_pipeline(args: argparse.Namespace, *, local: bool = True) -> ElitePipel
                                      global_mapper=args.global_mapper, local_mapper=local_mapper)
     if getattr(args, "controlnet", None):
       pipe.set_controlnet(ControlNetModel.load(args.controlnet))
+    if getattr(args, "ip_adapter", None):
+      pipe.set_ip_adapter(IPAdapter.load(args.ip_adapter, args.ip_image_encoder, pipe.sd.unet.config))
     return pipe
   if not args.global_mapper:
     raise InputError("--global-mapper is required (the official global_mapper.pt or an elite-jax export)")
   return ElitePipeline.from_pretrained(args.pretrained, image_encoder=args.image_encoder,
                                        global_mapper=args.global_mapper, local_mapper=local_mapper,
                                        dtype=args.dtype, attention_impl=args.attention,
-                                       controlnet=getattr(args, "controlnet", None))
+                                       controlnet=getattr(args, "controlnet", None),
+                                       ip_adapter=getattr(args, "ip_adapter", None),
+                                       ip_image_encoder=getattr(args, "ip_image_encoder", None))
 
 
 def model_identity(args: argparse.Namespace, *, local: bool = True) -> dict:

@@ -3,6 +3,8 @@
   elite-infer --global-mapper checkpoints/global_mapper.pt --local-mapper checkpoints/local_mapper.pt \
     --image cat.jpg --mask cat_bg.png --prompt "a photo of a S on the beach" --output out.png
 
+``--controlnet ID --control-image IMG`` adds a ControlNet, ``--ip-adapter FILE --ip-image IMG`` an IP-Adapter.
+
 (``python infer.py`` in a checkout is the same command.) Defaults are the official inference settings: SD v1-4,
 CLIP ViT-L/14, w0 only, LMS with 100 steps, guidance 5, lambda 0.8. Bad input exits with code 2 and a one-line
 message.
@@ -58,6 +60,13 @@ def run(args: argparse.Namespace) -> None:
     control, resized = preprocess.control_image(args.control_image, options.height, options.width)
   elif args.controlnet:
     raise InputError("--controlnet needs --control-image")
+  ip_image = None
+  if args.ip_image:
+    if not args.ip_adapter:
+      raise InputError("--ip-image needs --ip-adapter")
+    ip_image = preprocess.load_image(args.ip_image)
+  elif args.ip_adapter:
+    raise InputError("--ip-adapter needs --ip-image")
   if args.random_weights:
     print(f"{common.RANDOM_NOTE} (install check only)", file=sys.stderr)
   pipe = common.load_pipeline(args)
@@ -66,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"note: control image {args.control_image} resized from {resized[1]}x{resized[0]} to "
           f"{options.width}x{options.height} (PIL Lanczos, as diffusers)", file=sys.stderr)
   concept = pipe.encode_concept(image, mask)
-  images = pipe.generate(concept, prompts, options, control_image=control)
+  images = pipe.generate(concept, prompts, options, control_image=control, ip_image=ip_image)
   stem = args.output[:-4]
   paths = [args.output] if len(images) == 1 else [f"{stem}_{i}.png" for i in range(len(images))]
   for img, path in zip(images, paths):

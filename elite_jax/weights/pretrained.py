@@ -21,6 +21,7 @@ from elite_jax.errors import InputError
 from elite_jax.models.clip import (CLIPModel, CLIPTextTransformer, CLIPVisionTransformer, text_config_from_transformers,
                                    vision_config_from_transformers)
 from elite_jax.models.controlnet import ControlNet, ControlNetConfig
+from elite_jax.models.ip_adapter import CLIPVisionWithProjection
 from elite_jax.models.unet import UNet, UNetConfig
 from elite_jax.models.vae import AutoencoderKL, VAEConfig
 from elite_jax.models.vit import ViTConfig, ViTModel
@@ -163,6 +164,23 @@ def load_image_encoder(folder: Path, **module_kw) -> tuple[CLIPVisionTransformer
   cfg, state = _clip_state(folder, "vision_model")
   module = CLIPVisionTransformer(vision_config_from_transformers(cfg), **module_kw)
   params = convert.torch_to_flax(state, skip=lambda k: k.endswith("position_ids"))
+  return module, _checked(module, params, f"image encoder weights in {folder}")
+
+
+def load_image_encoder_with_projection(folder: Path, **module_kw) -> tuple[CLIPVisionWithProjection, Params]:
+  """A CLIPVisionModelWithProjection checkpoint (IP-Adapter's ``image_encoder/``, or a CLIPModel): the vision tower
+  and its visual projection."""
+  cfg = read_json(folder / "config.json")
+  state = read_weights(folder)
+  if "visual_projection.weight" not in state:
+    raise InputError(f"{folder} has no visual_projection (IP-Adapter needs a CLIPVisionModelWithProjection)")
+  if not any(k.startswith("vision_model.") for k in state):
+    raise InputError(f"{folder} holds no vision_model weights (is it a CLIP checkpoint?)")
+  config = vision_config_from_transformers(cfg)
+  config = dataclasses.replace(config, projection_dim=int(state["visual_projection.weight"].shape[0]))
+  module = CLIPVisionWithProjection(config, **module_kw)
+  params = convert.torch_to_flax({k: v for k, v in state.items() if k.startswith(("vision_model.", "visual_proj"))},
+                                 skip=lambda k: k.endswith("position_ids"))
   return module, _checked(module, params, f"image encoder weights in {folder}")
 
 
