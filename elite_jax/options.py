@@ -17,6 +17,7 @@ from elite_jax.errors import InputError
 from elite_jax.types import DTYPES
 
 WORDS = ("primary", "all")  # inject w0 only (the paper's choice), or every mapper word
+COMPOSE_FIELDS = ("control_scale", "control_start", "control_end", "ip_scale")
 MIN_SIDE = 64  # 8 latent pixels: the smallest image the VAE's downsampling and the UNet's levels take
 
 
@@ -101,7 +102,12 @@ class GenerationOptions:
     return 1 if self.words == "primary" else num_words
 
   def record(self) -> dict:
-    """The JSON-able fields (all but the initial latents), e.g. for a results file."""
+    """The JSON-able fields (all but the initial latents), e.g. for a results file. The ControlNet / IP-Adapter
+    weights appear only when they differ from their defaults (they act only with those models loaded), so that
+    records written before they existed compare equal."""
     out = dataclasses.asdict(self)
     out.pop("init_latents")
+    for name in COMPOSE_FIELDS:
+      if out[name] == getattr(GenerationOptions, name):
+        out.pop(name)
     return out

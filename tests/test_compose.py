@@ -313,14 +313,20 @@ def _bad(setup, tmp_path, capsys, **over):
 
 
 def test_controlnet_bad_inputs(setup, tmp_path, capsys):
-  wide = make_controlnet(controlnet_config(tiny_models.unet_config_sd1(cross_attention_dim=48)), seed=1)
-  wide.save_pretrained(tmp_path / "wide")
-  narrow = make_controlnet(controlnet_config(dict(tiny_models.unet_config_sd1(), block_out_channels=(16, 32, 64))),
-                           seed=1)
-  narrow.save_pretrained(tmp_path / "narrow")
-  assert "48-d text but the text encoder is 32-d" in _bad(setup, tmp_path, capsys, **{"--controlnet": str(tmp_path /
-                                                                                                      "wide")})
-  assert "do not fit this UNet" in _bad(setup, tmp_path, capsys, **{"--controlnet": str(tmp_path / "narrow")})
+  from elite_jax.models.unet import UNetConfig
+  unet = UNetConfig.from_diffusers(tiny_models.unet_config_sd1())
+  def bad(config, name):
+    make_controlnet(config, seed=1).save_pretrained(tmp_path / name)
+    with pytest.raises(InputError) as e:
+      FlaxControlNet.load(tmp_path / name).check_fits(unet, tiny_models.TEXT_DIM)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+  assert "48-d text but the text encoder is 32-d" in bad(
+      controlnet_config(tiny_models.unet_config_sd1(cross_attention_dim=48)), "wide")
+  assert "do not fit this UNet" in bad(
+      controlnet_config(dict(tiny_models.unet_config_sd1(), block_out_channels=(16, 32, 64))), "narrow")
+  # through the command line: one line, exit code 2, before any model is loaded where the input alone is wrong
+  assert "48-d text" in _bad(setup, tmp_path, capsys, **{"--controlnet": str(tmp_path / "wide")})
   assert "no such model folder" in _bad(setup, tmp_path, capsys, **{"--controlnet": str(tmp_path / "none")})
   (tmp_path / "notes.txt").write_text("hello")
   assert "not an image file" in _bad(setup, tmp_path, capsys, **{"--control-image": str(tmp_path / "notes.txt")})
@@ -328,24 +334,24 @@ def test_controlnet_bad_inputs(setup, tmp_path, capsys):
   assert "needs --controlnet" in _bad(setup, tmp_path, capsys, **{"--controlnet": None})
   assert "needs --control-image" in _bad(setup, tmp_path, capsys, **{"--control-image": None})
   assert "start < end" in _bad(setup, tmp_path, capsys, **{"--control-start": "0.6", "--control-end": "0.5"})
-  with pytest.raises(InputError, match="do not fit this UNet"):
-    ElitePipeline.from_random().set_controlnet(FlaxControlNet.load(tmp_path / "narrow"))
 
 
 def test_ip_adapter_bad_inputs(setup, tmp_path, capsys):
+  from elite_jax.compose import IPAdapter
+  from elite_jax.models.unet import UNetConfig
   root, state = setup["root"], setup["ip_state"]
-  ip = {"--controlnet": None, "--control-image": None, "--ip-adapter": str(root / "ip" / "ip-adapter_sd15.bin"),
-        "--ip-image": str(IP_PHOTO)}
+  unet = UNetConfig.from_diffusers(tiny_models.unet_config_sd1())
   def bad_file(name, st):
     torch.save(st, tmp_path / name)
-    return _bad(setup, tmp_path, capsys, **dict(ip, **{"--ip-adapter": str(tmp_path / name),
-                                                        "--ip-image-encoder": str(root / "ip" / "image_encoder")}))
+    with pytest.raises(InputError) as e:
+      IPAdapter.load(tmp_path / name, root / "ip" / "image_encoder", unet)
+    assert "\n" not in str(e.value)
+    return str(e.value)
   plus = {"image_proj": {"latents": torch.zeros(1, 16, 32), "proj_in.weight": torch.zeros(32, 16)},
           "ip_adapter": state["ip_adapter"]}
   assert "plus/full/FaceID" in bad_file("plus.bin", plus)
-  wide = ip_adapter_state(setup["models"]["unet"], seed=1)
-  wide["image_proj"] = {k: torch.cat([v, v], 0) if v.ndim else v for k, v in wide["image_proj"].items()}
-  wide["image_proj"]["proj.weight"] = torch.zeros(4 * 64, EMBED_DIM)
+  wide = {"image_proj": {"proj.weight": torch.zeros(4 * 64, EMBED_DIM), "proj.bias": torch.zeros(4 * 64),
+                         "norm.weight": torch.ones(64), "norm.bias": torch.zeros(64)}, "ip_adapter": state["ip_adapter"]}
   assert "tokens of width 64" in bad_file("wide.bin", wide)
   few = {"image_proj": state["image_proj"], "ip_adapter": dict(list(state["ip_adapter"].items())[:2])}
   assert "for 1 cross-attention layers but this UNet has" in bad_file("few.bin", few)
@@ -353,6 +359,10 @@ def test_ip_adapter_bad_inputs(setup, tmp_path, capsys):
   other_embed = {"image_proj": dict(state["image_proj"], **{"proj.weight": torch.zeros(4 * 32, 24)}),
                  "ip_adapter": state["ip_adapter"]}
   assert "reads 24-d image embeddings" in bad_file("embed24.bin", other_embed)
+  # through the command line
+  ip = {"--controlnet": None, "--control-image": None, "--ip-adapter": str(tmp_path / "plus.bin"),
+        "--ip-image-encoder": str(root / "ip" / "image_encoder"), "--ip-image": str(IP_PHOTO)}
+  assert "plus/full/FaceID" in _bad(setup, tmp_path, capsys, **ip)
   assert "needs --ip-adapter" in _bad(setup, tmp_path, capsys, **dict(ip, **{"--ip-adapter": None}))
   assert "needs --ip-image" in _bad(setup, tmp_path, capsys, **dict(ip, **{"--ip-image": None}))
   assert "not found" in _bad(setup, tmp_path, capsys, **dict(ip, **{"--ip-image": str(tmp_path / "none.jpg")}))
