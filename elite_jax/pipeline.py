@@ -121,8 +121,8 @@ class ElitePipeline:
     CLIPVisionModelWithProjection (default: ``image_encoder/`` beside the file)."""
     if not global_mapper:
       raise InputError("a global mapper is required (the official global_mapper.pt or an elite-jax export)")
+    cn = ControlNetModel.load(controlnet) if controlnet else None  # a bad folder fails before SD loads
     sd = StableDiffusion.load(pretrained, image_encoder, dtype=dtype, attention_impl=attention_impl)
-    cn = ControlNetModel.load(controlnet) if controlnet else None
     ip = IPAdapter.load(ip_adapter, ip_image_encoder, sd.unet.config) if ip_adapter else None
     return cls(sd, *_mappers(sd, global_mapper, local_mapper), controlnet=cn, ip_adapter=ip)
 

@@ -49,23 +49,6 @@ def make_controlnet(config: dict, seed: int, scale: float = 0.05):
   return tiny_models.randomize(ControlNetModel(**config), seed, scale)  # the zero-initialised convs become live
 
 
-def ip_adapter_state(unet, *, embed_dim: int = EMBED_DIM, seed: int = 0, scale: float = 0.3) -> dict:
-  """An h94 SD 1.5 IP-Adapter file's dict for a diffusers UNet, random values: ``image_proj`` (4 tokens) and
-  ``ip_adapter`` numbered as h94's files are (every attention processor of ``unet.attn_processors`` in order;
-  attn2 at the odd numbers)."""
-  g = torch.Generator().manual_seed(seed)
-  rnd = lambda *shape, s=scale: s * torch.randn(*shape, generator=g)
-  c = unet.config.cross_attention_dim
-  proj = {"proj.weight": rnd(4 * c, embed_dim), "proj.bias": rnd(4 * c), "norm.weight": 1 + rnd(c, s=0.1),
-          "norm.bias": rnd(c, s=0.1)}
-  ip = {}
-  for i, name in enumerate(unet.attn_processors):
-    if name.endswith("attn2.processor"):
-      width = unet.get_submodule(name[:-len(".processor")]).to_q.out_features
-      ip[f"{i}.to_k_ip.weight"], ip[f"{i}.to_v_ip.weight"] = rnd(width, c), rnd(width, c)
-  return {"image_proj": proj, "ip_adapter": ip}
-
-
 def make_ip_encoder(seed: int = 0):
   from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
   torch.manual_seed(seed)
@@ -94,13 +77,15 @@ def setup(tmp_path_factory):
   Image.fromarray(control).save(root / "control.png")
   latents = np.random.default_rng(0).standard_normal((1, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
   np.save(root / "latents.npy", latents)
-  ip_state = ip_adapter_state(models["unet"], seed=31)
+  ip_state = tiny_models.ip_adapter_state(models["unet"], embed_dim=EMBED_DIM, seed=31)
   (root / "ip").mkdir()
   torch.save(ip_state, root / "ip" / "ip-adapter_sd15.bin")  # nested, as h94's .bin
   ip_encoder = make_ip_encoder(seed=32)
   ip_encoder.save_pretrained(root / "ip" / "image_encoder")  # where h94/IP-Adapter keeps it
-  return dict(root=root, models=models, vision=vision, states=states, image=image, mask=mask, latents=latents,
-              latents_nhwc=latents.transpose(0, 2, 3, 1), controlnet=cn, ip_state=ip_state, ip_encoder=ip_encoder)
+  out = dict(root=root, models=models, vision=vision, states=states, image=image, mask=mask, latents=latents,
+             latents_nhwc=latents.transpose(0, 2, 3, 1), controlnet=cn, ip_state=ip_state, ip_encoder=ip_encoder)
+  out["ip_tokens"] = _ip_reference_tokens(out, IP_PHOTO)
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,10 +130,18 @@ def test_control_image_preprocessing_matches_diffusers(setup):
 
 @pytest.fixture(scope="module")
 def pipe(setup):
+  """Both composed models loaded: one compiled loop serves every end-to-end test. A scale of 0 makes a term exactly
+  zero in float32 (residuals of 0 added to the skips, 0 x the IP attention), so ``ip_scale=0`` is ELITE + ControlNet
+  and ``control_scale=0`` ELITE + IP-Adapter, bit for bit."""
   root = setup["root"]
   return ElitePipeline.from_pretrained(root / "sd", image_encoder=root / "clip",
                                        global_mapper=root / "global_mapper.pt", local_mapper=root / "local_mapper.pt",
-                                       controlnet=root / "controlnet")
+                                       controlnet=root / "controlnet", ip_adapter=root / "ip" / "ip-adapter_sd15.bin")
+
+
+def _kw(setup, **over):
+  return dict(dict(steps=STEPS, lam=0.8, init_latents=setup["latents_nhwc"], height=SIZE, width=SIZE, progress=False,
+                   control_image=setup["root"] / "control.png", ip_image=IP_PHOTO), **over)
 
 
 def _control_nchw(setup):
@@ -159,17 +152,17 @@ def _control_nchw(setup):
 def test_elite_with_controlnet_matches_reference(setup, pipe):
   concept = pipe.encode_concept(PHOTO, setup["root"] / "mask.png")
   prompt = "a photo of a S on the beach"
-  kw = dict(steps=STEPS, lam=0.8, init_latents=setup["latents_nhwc"], height=SIZE, width=SIZE, progress=False,
-            control_scale=0.8, control_end=0.7)
+  kw = _kw(setup, control_scale=0.8, control_end=0.7, ip_scale=0.0)
   with pytest.warns(UserWarning, match="resized from 40x48 to 64x64"):
-    got = pipe.generate(concept, prompt, control_image=setup["root"] / "control.png", **kw)
+    got = pipe.generate(concept, prompt, **kw)
   want = _official(setup, local=True, words="primary", prompt=prompt, index=5, steps=STEPS, controlnet=setup[
       "controlnet"], control_image=_control_nchw(setup), control_scale=0.8, control_end=0.7)
+  print("ELITE + ControlNet vs reference PSNR:", psnr(got[0], want[0]))
   assert psnr(got[0], want[0]) >= 40, psnr(got[0], want[0])
   # the ControlNet is live: at scale 0 the image is one the check above would reject
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    off = pipe.generate(concept, prompt, control_image=setup["root"] / "control.png", **dict(kw, control_scale=0.0))
+    off = pipe.generate(concept, prompt, **dict(kw, control_scale=0.0))
   assert psnr(off[0], want[0]) < 35, psnr(off[0], want[0])
 
 
@@ -252,47 +245,46 @@ def test_ip_image_preprocessing_matches_clip_processor():
     np.testing.assert_allclose(preprocess.ip_image(path), want.transpose(1, 2, 0), atol=2e-6)
 
 
-def test_elite_with_ip_adapter_matches_reference(setup):
-  root = setup["root"]
-  pipe = ElitePipeline.from_pretrained(root / "sd", image_encoder=root / "clip",
-                                       global_mapper=root / "global_mapper.pt", local_mapper=root / "local_mapper.pt",
-                                       ip_adapter=root / "ip" / "ip-adapter_sd15.bin")
-  concept = pipe.encode_concept(PHOTO, root / "mask.png")
+def test_elite_with_ip_adapter_matches_reference(setup, pipe):
+  concept = pipe.encode_concept(PHOTO, setup["root"] / "mask.png")
   prompt = "a photo of a S on the beach"
-  kw = dict(steps=STEPS, lam=0.8, init_latents=setup["latents_nhwc"], height=SIZE, width=SIZE, progress=False)
-  got = pipe.generate(concept, prompt, ip_image=IP_PHOTO, ip_scale=0.7, **kw)
+  kw = _kw(setup, control_scale=0.0, ip_scale=0.7)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the control image's resize note
+    got = pipe.generate(concept, prompt, **kw)
+    off = pipe.generate(concept, prompt, **dict(kw, ip_scale=0.0))
   want = _official(setup, local=True, words="primary", prompt=prompt, index=5, steps=STEPS,
-                   ip_state=setup["ip_state"]["ip_adapter"], ip_tokens=_ip_reference_tokens(setup, IP_PHOTO),
+                   ip_state=setup["ip_state"]["ip_adapter"], ip_tokens=setup["ip_tokens"],
                    ip_scale=0.7)
   print("ELITE + IP-Adapter vs reference PSNR:", psnr(got[0], want[0]))
   assert psnr(got[0], want[0]) >= 40, psnr(got[0], want[0])
-  off = pipe.generate(concept, prompt, ip_image=IP_PHOTO, ip_scale=0.0, **kw)
-  assert psnr(off[0], want[0]) < 35, psnr(off[0], want[0])
+  assert psnr(off[0], want[0]) < 35, psnr(off[0], want[0])  # the IP term is live
 
 
-def test_both_through_infer_match_reference(setup, tmp_path, capsys):
-  """ControlNet and IP-Adapter together, through the command line, against the restatement with both."""
-  root = setup["root"]
-  out = tmp_path / "both.png"
-  code = infer.main(["--pretrained", str(root / "sd"), "--image-encoder", str(root / "clip"),
-                     "--global-mapper", str(root / "global_mapper.pt"), "--local-mapper", str(root / "local_mapper.pt"),
-                     "--mask", str(root / "mask.png"), "--image", str(PHOTO), "--prompt", "a photo of a S on the beach",
-                     "--steps", str(STEPS), "--height", str(SIZE), "--width", str(SIZE),
-                     "--init-latents", str(root / "latents.npy"), "--output", str(out),
-                     "--controlnet", str(root / "controlnet"), "--control-image", str(root / "control.png"),
-                     "--control-scale", "0.5", "--control-start", "0.2",
-                     "--ip-adapter", str(root / "ip" / "ip-adapter_sd15.bin"), "--ip-image", str(IP_PHOTO),
-                     "--ip-scale", "0.6"])
-  err = capsys.readouterr().err
-  assert code == 0, err
-  assert "control image" in err and "resized from 40x48 to 64x64" in err
-  got = np.asarray(Image.open(out))
+def test_both_match_reference(setup, pipe):
+  """ControlNet and IP-Adapter together against the restatement with both."""
+  concept = pipe.encode_concept(PHOTO, setup["root"] / "mask.png")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    got = pipe.generate(concept, "a photo of a S on the beach", **_kw(setup, control_scale=0.5, control_start=0.2,
+                                                                       ip_scale=0.6))
   want = _official(setup, local=True, words="primary", prompt="a photo of a S on the beach", index=5, steps=STEPS,
                    controlnet=setup["controlnet"], control_image=_control_nchw(setup), control_scale=0.5,
-                   control_start=0.2, ip_state=setup["ip_state"]["ip_adapter"],
-                   ip_tokens=_ip_reference_tokens(setup, IP_PHOTO), ip_scale=0.6)
-  print("ELITE + ControlNet + IP-Adapter (infer) vs reference PSNR:", psnr(got, want[0]))
-  assert psnr(got, want[0]) >= 40, psnr(got, want[0])
+                   control_start=0.2, ip_state=setup["ip_state"]["ip_adapter"], ip_tokens=setup["ip_tokens"],
+                   ip_scale=0.6)
+  print("ELITE + ControlNet + IP-Adapter vs reference PSNR:", psnr(got[0], want[0]))
+  assert psnr(got[0], want[0]) >= 40, psnr(got[0], want[0])
+
+
+def test_infer_flags_reach_the_options():
+  from elite_jax.cli import common
+  args = infer.parse_args(["--image", "x.jpg", "--controlnet", "cn", "--control-image", "c.png", "--control-scale",
+                           "0.5", "--control-start", "0.2", "--control-end", "0.9", "--ip-adapter", "ip.bin",
+                           "--ip-image", "s.jpg", "--ip-scale", "0.6", "--ip-image-encoder", "enc"])
+  opts = common.generation_options(args)
+  assert (opts.control_scale, opts.control_start, opts.control_end, opts.ip_scale) == (0.5, 0.2, 0.9, 0.6)
+  assert (args.controlnet, args.control_image, args.ip_adapter, args.ip_image, args.ip_image_encoder) == (
+      "cn", "c.png", "ip.bin", "s.jpg", "enc")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,7 +318,7 @@ def test_controlnet_bad_inputs(setup, tmp_path, capsys):
   assert "do not fit this UNet" in bad(
       controlnet_config(dict(tiny_models.unet_config_sd1(), block_out_channels=(16, 32, 64))), "narrow")
   # through the command line: one line, exit code 2, before any model is loaded where the input alone is wrong
-  assert "48-d text" in _bad(setup, tmp_path, capsys, **{"--controlnet": str(tmp_path / "wide")})
+  assert "48-d text" in _bad(setup, tmp_path, capsys, **{"--controlnet": str(tmp_path / "wide")})  # after SD loads
   assert "no such model folder" in _bad(setup, tmp_path, capsys, **{"--controlnet": str(tmp_path / "none")})
   (tmp_path / "notes.txt").write_text("hello")
   assert "not an image file" in _bad(setup, tmp_path, capsys, **{"--control-image": str(tmp_path / "notes.txt")})

@@ -156,6 +156,23 @@ def write_model_folders(root: Path, *, seed: int = 0, vision_seed: int = 11) -> 
   return models, vision
 
 
+def ip_adapter_state(unet, *, embed_dim: int = 16, seed: int = 0, scale: float = 0.3) -> dict:
+  """An h94 SD 1.5 IP-Adapter file's dict for a diffusers UNet, random values: ``image_proj`` (4 tokens) and
+  ``ip_adapter`` numbered as h94's files are (every attention processor of ``unet.attn_processors`` in order;
+  attn2 at the odd numbers)."""
+  g = torch.Generator().manual_seed(seed)
+  rnd = lambda *shape, s=scale: s * torch.randn(*shape, generator=g)
+  c = unet.config.cross_attention_dim
+  proj = {"proj.weight": rnd(4 * c, embed_dim), "proj.bias": rnd(4 * c), "norm.weight": 1 + rnd(c, s=0.1),
+          "norm.bias": rnd(c, s=0.1)}
+  ip = {}
+  for i, name in enumerate(unet.attn_processors):
+    if name.endswith("attn2.processor"):
+      width = unet.get_submodule(name[:-len(".processor")]).to_q.out_features
+      ip[f"{i}.to_k_ip.weight"], ip[f"{i}.to_v_ip.weight"] = rnd(width, c), rnd(width, c)
+  return {"image_proj": proj, "ip_adapter": ip}
+
+
 def attn2_modules(unet) -> list[tuple[str, torch.nn.Module]]:
   """The attn2 modules of a diffusers UNet in the official checkpoint's order: down blocks, up blocks, mid block."""
   found = [(n, m) for n, m in unet.named_modules() if n.endswith("attn2")]
