@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -29,15 +30,31 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from bench.bench_inference import SMALL_UNET
-from bench.timing import jax_sync, median_time, torch_sync
+from bench.timing import jax_sync, torch_sync
 from elite_jax import concept
-from elite_jax.compose import IPAdapter
 from elite_jax.models import presets
 from elite_jax.models.elite_attention import IPInputs, LocalInputs
 from elite_jax.weights import pretrained
 from elite_jax.weights.ip_adapter_files import load_ip_adapter
+from elite_jax.weights.mapper_files import load_mapper
 from tests import elite_reference as ref
 from tests import tiny_models
+
+
+VARIANTS = (("elite", False, False), ("controlnet", True, False), ("ip", False, True), ("both", True, True))
+
+
+def round_robin(fns: dict, reps: int, sync) -> dict:
+  """Median seconds per call of each function, timed in turns (one call of each per round, after two warm-up
+  rounds), so that a load that drifts during the run (this CPU is shared) weighs on every variant alike."""
+  times = {k: [] for k in fns}
+  for r in range(reps + 2):
+    for k, f in fns.items():
+      t0 = time.perf_counter()
+      sync(f())
+      if r >= 2:
+        times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench(unet_cfg: dict, images: int, reps: int, folder: Path) -> dict:
@@ -56,9 +73,8 @@ def bench(unet_cfg: dict, images: int, reps: int, folder: Path) -> dict:
   cn, cn_params = pretrained.load_controlnet(folder / "controlnet")
   torch.save(gstate, folder / "g.pt")
   torch.save(lstate, folder / "l.pt")
-  from elite_jax.weights.mapper_files import load_mapper
   kv = [load_mapper(folder / f"{k}.pt", unet.config, kind).kv for k, kind in (("g", "global"), ("l", "local"))]
-  proj, ip_kv = load_ip_adapter(folder / "ip.bin", unet.config)
+  _, ip_kv = load_ip_adapter(folder / "ip.bin", unet.config)
   params = jax.device_put(concept.merge_kv(host, *kv))
   params_ip = jax.device_put(concept.merge_kv(host, *kv, ip_kv))
   cn_params = jax.device_put(cn_params)
@@ -78,12 +94,12 @@ def bench(unet_cfg: dict, images: int, reps: int, folder: Path) -> dict:
     res = cn.apply({"params": cp}, x, t, c, img, 1.0) if control else None
     return unet.apply({"params": p}, x, t, c, local, res, ip if use_ip else None)
   xj, cj, ij = jnp.asarray(x), jnp.asarray(ctx), jnp.asarray(img)
-  out = {}
-  for name, control, use_ip in (("elite", False, False), ("controlnet", True, False), ("ip", False, True),
-                                ("both", True, True)):
+  jax_fns = {}
+  for name, control, use_ip in VARIANTS:
     f = jax.jit(lambda p, cp, x, c, i, q, control=control, use_ip=use_ip: step(p, cp, x, c, i, q, control, use_ip))
     p = params_ip if use_ip else params
-    out[f"jax_{name}_s"] = median_time(lambda: f(p, cn_params, xj, cj, ij, ip), reps, jax_sync)
+    jax_fns[name] = lambda f=f, p=p: f(p, cn_params, xj, cj, ij, ip)
+  out = {f"jax_{k}_s": v for k, v in round_robin(jax_fns, reps, jax_sync).items()}
 
   ref.install_elite(tunet, gstate, lstate, ip_state=ip_state["ip_adapter"])
   xt, ct = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ctx)
@@ -101,9 +117,8 @@ def bench(unet_cfg: dict, images: int, reps: int, folder: Path) -> dict:
       res = {"down_block_additional_residuals": d, "mid_block_additional_residual": m}
     return tunet(xt, tt, ct, cross_attention_kwargs=kw, **res).sample
   with torch.no_grad():
-    for name, control, use_ip in (("elite", False, False), ("controlnet", True, False), ("ip", False, True),
-                                  ("both", True, True)):
-      out[f"torch_{name}_s"] = median_time(lambda: torch_step(control, use_ip), reps, torch_sync)
+    fns = {name: (lambda c=control, u=use_ip: torch_step(c, u)) for name, control, use_ip in VARIANTS}
+    out.update({f"torch_{k}_s": v for k, v in round_robin(fns, reps, torch_sync).items()})
   for side_ in ("jax", "torch"):
     for name in ("controlnet", "ip", "both"):
       out[f"{side_}_{name}_extra"] = out[f"{side_}_{name}_s"] / out[f"{side_}_elite_s"] - 1

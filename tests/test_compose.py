@@ -20,7 +20,6 @@ from elite_jax.compose import ControlNetModel as FlaxControlNet
 from elite_jax.errors import InputError
 from elite_jax.pipeline import ElitePipeline
 from elite_jax.weights import pretrained
-from tests import elite_reference as ref
 from tests import tiny_models
 from tests.test_pipeline import PHOTO, SIZE, _official, psnr
 
@@ -343,7 +342,8 @@ def test_ip_adapter_bad_inputs(setup, tmp_path, capsys):
           "ip_adapter": state["ip_adapter"]}
   assert "plus/full/FaceID" in bad_file("plus.bin", plus)
   wide = {"image_proj": {"proj.weight": torch.zeros(4 * 64, EMBED_DIM), "proj.bias": torch.zeros(4 * 64),
-                         "norm.weight": torch.ones(64), "norm.bias": torch.zeros(64)}, "ip_adapter": state["ip_adapter"]}
+                         "norm.weight": torch.ones(64), "norm.bias": torch.zeros(64)},
+          "ip_adapter": state["ip_adapter"]}
   assert "tokens of width 64" in bad_file("wide.bin", wide)
   few = {"image_proj": state["image_proj"], "ip_adapter": dict(list(state["ip_adapter"].items())[:2])}
   assert "for 1 cross-attention layers but this UNet has" in bad_file("few.bin", few)
