@@ -48,8 +48,8 @@ class ControlNetModel:
       kw["attention_impl"] = attention.check_implementation(attention_impl)
     return dataclasses.replace(self, module=self.module.clone(**kw))
 
-  def check_fits(self, unet: UNetConfig, text_dim: int) -> None:
-    controlnet_lib.check_fits(self.module.config, unet, text_dim)
+  def check_fits(self, unet: UNetConfig, text_dim: int, vae_factor: int = 8) -> None:
+    controlnet_lib.check_fits(self.module.config, unet, text_dim, vae_factor)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -59,7 +59,7 @@ class ElitePipeline:
   def set_controlnet(self, controlnet: ControlNetModel | None) -> None:
     """Add this ControlNet's residuals from now on (None removes it); InputError when it does not fit the UNet."""
     if controlnet is not None:
-      controlnet.check_fits(self.sd.unet.config, self.sd.text_dim)
+      controlnet.check_fits(self.sd.unet.config, self.sd.text_dim, self.sd.vae_scale_factor)
       controlnet = controlnet.configure(dtype=self.sd.dtype, attention_impl=self.sd.unet.attention_impl)
       controlnet = dataclasses.replace(controlnet, params=jax.device_put(cast_floating(controlnet.params,
                                                                                        self.sd.dtype)))

@@ -316,6 +316,10 @@ def test_controlnet_bad_inputs(setup, tmp_path, capsys):
       controlnet_config(tiny_models.unet_config_sd1(cross_attention_dim=48)), "wide")
   assert "do not fit this UNet" in bad(
       controlnet_config(dict(tiny_models.unet_config_sd1(), block_out_channels=(16, 32, 64))), "narrow")
+  assert "downsamples 4x but the VAE 8x" in bad(
+      dict(controlnet_config(tiny_models.unet_config_sd1()), conditioning_embedding_out_channels=(8, 8, 16)), "x4")
+  assert "1-channel conditioning" in bad(dict(controlnet_config(tiny_models.unet_config_sd1()),
+                                              conditioning_channels=1), "grey")
   # through the command line: one line, exit code 2, before any model is loaded where the input alone is wrong
   assert "48-d text" in _bad(setup, tmp_path, capsys, **{"--controlnet": str(tmp_path / "wide")})  # after SD loads
   assert "no such model folder" in _bad(setup, tmp_path, capsys, **{"--controlnet": str(tmp_path / "none")})

@@ -119,9 +119,16 @@ class ControlNet(nn.Module):
     return down, mid
 
 
-def check_fits(config: ControlNetConfig, unet: UNetConfig, text_dim: int) -> None:
-  """InputError (one line) when this ControlNet's residuals or text width do not fit the UNet / text encoder."""
+def check_fits(config: ControlNetConfig, unet: UNetConfig, text_dim: int, vae_factor: int = 8) -> None:
+  """InputError (one line) when this ControlNet's residuals, text width or control-image scale do not fit the UNet,
+  the text encoder and the VAE (whose factor relates the output size to the latent)."""
   c = config.unet
+  if config.conditioning_channels != 3:
+    raise InputError(f"the ControlNet takes {config.conditioning_channels}-channel conditioning images; only RGB "
+                     f"(3-channel) control images are supported")
+  if config.image_factor != vae_factor:
+    raise InputError(f"the ControlNet's conditioning embedding downsamples {config.image_factor}x but the VAE "
+                     f"{vae_factor}x: the control image would not match the latents")
   if c.cross_attention_dim != text_dim:
     raise InputError(f"the ControlNet attends to {c.cross_attention_dim}-d text but the text encoder is {text_dim}-d "
                      f"(a ControlNet for another Stable Diffusion version?)")
