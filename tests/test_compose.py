@@ -1,8 +1,11 @@
 """ELITE composed with a ControlNet and an IP-Adapter, against diffusers' PyTorch classes and the ELITE restatement.
 
-The ControlNet alone against diffusers' ControlNetModel (saved with save_pretrained, read by our loader); ELITE +
-ControlNet end to end against tests/elite_reference.py driving diffusers' ControlNet beside the restated ELITE UNet;
-the control image's preprocessing against diffusers' VaeImageProcessor; bad input as one-line errors.
+The ControlNet alone against diffusers' ControlNetModel (saved with save_pretrained, read by our loader); the
+IP-Adapter's attention against diffusers' IPAdapterAttnProcessor, and an h94-format file through our loader into the
+UNet against diffusers' own IP-Adapter loading; ELITE + ControlNet, ELITE + IP-Adapter and both end to end against
+tests/elite_reference.py driving diffusers' ControlNet beside the restated ELITE UNet; the control and IP images'
+preprocessing against diffusers' VaeImageProcessor and transformers' CLIPImageProcessor; bad input as one-line
+errors.
 """
 
 import warnings
