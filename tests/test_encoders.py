@@ -160,3 +160,44 @@ def test_default_taps_and_presets():
   assert encoders.clip_preset("openclip-vit-bigg-14").num_hidden_layers == 48
   with pytest.raises(InputError, match="unknown CLIP preset"):
     encoders.clip_preset("vit-xxl")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A mapper records its encoder; inference refuses another
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_mapper_files_record_the_encoder_and_inference_refuses_another(tmp_path):
+  import dataclasses as dc
+  from elite_jax import concept, tiny
+  from elite_jax.models.mappers import MapperConfig
+  from elite_jax.pipeline import ElitePipeline
+  from elite_jax.weights.mapper_files import load_mapper, save_mapper
+  sd, g, l = tiny.stable_diffusion_and_mappers(seed=0)
+  module, params, proc = tiny.image_encoder("siglip", seed=1)
+  module, params = encoders.with_scanned_layers(module, params, True)  # compiles one layer, not 12
+  sig = sd.replace(image_encoder=module, image_processor=proc, params=dict(sd.params, image_encoder=params))
+  record = encoders.EncoderRecord.of(module)
+  assert record == encoders.EncoderRecord("siglip", 32, 12, 224, 32)
+  cfg = dc.replace(g.config, tapped_layers=encoders.default_taps(12), encoder=record)
+  g2 = concept.MapperBundle(kv=g.kv, mlp=concept.init_mlp(cfg, "global", jax.random.key(0)), config=cfg, kind="global")
+  l2 = concept.MapperBundle(kv=l.kv, mlp=concept.init_mlp(cfg, "local", jax.random.key(1)), config=cfg, kind="local")
+  save_mapper(tmp_path / "g.safetensors", g2, sd.unet.config)
+  save_mapper(tmp_path / "official.pt", g2, sd.unet.config)
+  loaded = load_mapper(tmp_path / "g.safetensors", sd.unet.config, "global")
+  assert loaded.config == cfg  # the record round-trips through the metadata
+  legacy = load_mapper(tmp_path / "official.pt", sd.unet.config, "global")
+  assert legacy.config.encoder is None and legacy.config.encoder_record == encoders.EncoderRecord.legacy(32)
+  with pytest.raises(InputError, match=r"trained on another image encoder \(siglip 32-d, 12 layers.*\(clip 32-d"):
+    ElitePipeline(sd, loaded)  # the tiny CLIP bundle
+  with pytest.raises(InputError, match=r"trained on another image encoder \(clip 32-d, 24 layers"):
+    ElitePipeline(sig, dc.replace(legacy, config=dc.replace(legacy.config, tapped_layers=(12, 2))))
+  pipe = ElitePipeline(sig, loaded, l2)
+  img = _image(90, 120, 5)
+  mask = np.zeros((90, 120), np.uint8)
+  mask[20:70, 30:90] = 1
+  c = pipe.encode_concept(img, mask)
+  assert c.words.shape == (1, 5, 32) and c.local.shape == (1, 49, 32)  # SigLIP's 7x7 grid, not 256
+  inputs = image_processors.concept_inputs(module, proc, img, mask)
+  assert inputs.token_mask.shape == (49,) and 0 < inputs.token_mask.sum() < 49
+  assert not np.any(np.asarray(c.local)[0][inputs.token_mask == 0])  # background tokens zeroed
+  assert MapperConfig.from_dict(dc.asdict(cfg)) == cfg

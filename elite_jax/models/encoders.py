@@ -32,6 +32,7 @@ from elite_jax.errors import InputError
 from elite_jax.models import layers
 from elite_jax.models.clip import CLIPEncoder, CLIPVisionConfig, CLIPVisionTransformer
 from elite_jax.models.layers import EMBED
+from elite_jax.models import scan
 from elite_jax.models.scan import layer_stack
 from elite_jax.models.vit import ViTAttention, ViTPatchEmbeddings, _Dense
 from elite_jax.types import Dtype, Params
@@ -332,6 +333,21 @@ def mapper_tokens(encoder: nn.Module, state: jax.Array) -> jax.Array:
   if fam == "siglip":
     return jnp.concatenate([jnp.mean(state, axis=1, keepdims=True), state], axis=1)
   return state
+
+
+def layers_path(encoder: nn.Module) -> tuple[str, ...]:
+  """Where the encoder's layers sit in its parameter tree (``<path>_i`` unrolled, ``<path>`` scanned)."""
+  return ("encoder", "layer") if family(encoder) == "dinov2" else ("encoder", "layers")
+
+
+def with_scanned_layers(encoder: nn.Module, params: Params, scanned: bool) -> tuple[nn.Module, Params]:
+  """The same encoder with its layers scanned (or unrolled) and its parameters converted to match."""
+  if encoder.scan_layers == scanned:
+    return encoder, params
+  path = layers_path(encoder)
+  params = scan.scan_tree(params, path, encoder.config.num_hidden_layers) if scanned else \
+      scan.unscan_tree(params, path)
+  return encoder.clone(scan_layers=scanned), params
 
 
 def default_taps(num_layers: int) -> tuple[int, ...]:

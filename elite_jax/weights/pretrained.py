@@ -171,7 +171,6 @@ def load_image_encoder_and_processor(folder: Path, *, scan_layers: bool = False,
     if any(k.startswith("dinov2.") for k in state):
       state = {k[len("dinov2."):]: v for k, v in state.items() if k.startswith("dinov2.")}
     params = convert.torch_to_flax(state, skip=lambda k: k.startswith(("embeddings.mask_token", "classifier.")))
-    path = ("encoder", "layer")
   elif model_type in ("siglip_vision_model", "siglip"):
     config = encoders.SiglipVisionConfig.from_transformers(cfg)
     processor = image_processors.read_config(folder, "siglip", config.image_size)
@@ -180,15 +179,13 @@ def load_image_encoder_and_processor(folder: Path, *, scan_layers: bool = False,
     if any(k.startswith("vision_model.") for k in state):
       state = {k[len("vision_model."):]: v for k, v in state.items() if k.startswith("vision_model.")}
     params = convert.torch_to_flax(state, skip=lambda k: k.endswith("position_ids") or k.startswith("head."))
-    path = ("encoder", "layers")
   else:
     cfg, state = _clip_state(folder, "vision_model")
     module = CLIPVisionTransformer(vision_config_from_transformers(cfg), scan_layers=scan_layers, **module_kw)
     processor = image_processors.read_config(folder, "clip", module.config.image_size)
     params = convert.torch_to_flax(state, skip=lambda k: k.endswith("position_ids"))
-    path = ("encoder", "layers")
   if scan_layers:
-    params = scan.scan_tree(params, path, module.config.num_hidden_layers)
+    params = scan.scan_tree(params, encoders.layers_path(module), module.config.num_hidden_layers)
   return module, _checked(module, params, f"image encoder weights in {folder}"), processor
 
 
