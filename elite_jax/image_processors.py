@@ -161,9 +161,11 @@ def uses_elite_preprocessing(encoder) -> bool:
 
 def concept_inputs(encoder, processor: ImageProcessorConfig | None, image: np.ndarray,
                    mask: np.ndarray | None = None) -> preprocess.ConceptInputs:
-  """The mappers' inputs of one concept image for ``encoder`` (see the module docstring)."""
-  if processor is None or uses_elite_preprocessing(encoder):
+  """The mappers' inputs of one concept image for ``encoder`` (see the module docstring); ``processor`` None: the
+  family's defaults."""
+  if uses_elite_preprocessing(encoder):
     return preprocess.preprocess_concept(image, mask)
+  processor = processor or family_defaults(encoders.family(encoder), encoders.input_size(encoder))
   size, g = encoders.input_size(encoder), encoders.grid(encoder)
   if processor.output_size != (size, size):
     raise InputError(f"the image processor makes {processor.output_size[1]}x{processor.output_size[0]} images but "
@@ -187,8 +189,9 @@ def concept_inputs(encoder, processor: ImageProcessorConfig | None, image: np.nd
 
 def training_pixels(encoder, processor: ImageProcessorConfig | None, pixels: jax.Array) -> jax.Array:
   """ELITE's 224 px CLIP-normalised training crops -> the encoder's normalisation and size (identity for CLIP L/14)."""
-  if processor is None or uses_elite_preprocessing(encoder):
+  if uses_elite_preprocessing(encoder):
     return pixels
+  processor = processor or family_defaults(encoders.family(encoder), encoders.input_size(encoder))
   mean, std = jnp.asarray(processor.image_mean, jnp.float32), jnp.asarray(processor.image_std, jnp.float32)
   x = pixels.astype(jnp.float32) * jnp.asarray(preprocess.CLIP_STD) + jnp.asarray(preprocess.CLIP_MEAN)
   size = encoders.input_size(encoder)

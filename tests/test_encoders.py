@@ -201,3 +201,19 @@ def test_mapper_files_record_the_encoder_and_inference_refuses_another(tmp_path)
   assert inputs.token_mask.shape == (49,) and 0 < inputs.token_mask.sum() < 49
   assert not np.any(np.asarray(c.local)[0][inputs.token_mask == 0])  # background tokens zeroed
   assert MapperConfig.from_dict(dc.asdict(cfg)) == cfg
+
+
+def test_training_batches_renormalised_for_the_encoder():
+  from elite_jax import preprocess, tiny
+  module, _, proc = tiny.image_encoder("dinov2", num_layers=1)
+  img = _image(224, 224, 7)
+  got = image_processors.training_pixels(module, proc, preprocess.clip_normalize(img)[None])
+  want = (img / np.float32(255) - np.float32(image_processors.IMAGENET_MEAN)) / np.float32(image_processors.IMAGENET_STD)
+  assert np.abs(np.asarray(got)[0] - want).max() < 1e-5
+  mask = np.zeros((1, 16, 16), np.float32)
+  mask[0, :, 8:] = 1
+  small = np.asarray(image_processors.training_token_mask(module, mask.reshape(1, 256)))
+  np.testing.assert_array_equal(small.reshape(8, 8), np.repeat([[0] * 4 + [1] * 4], 8, axis=0))
+  clip = tiny.image_encoder("clip", num_layers=1)[0]  # ELITE's geometry: untouched
+  x = preprocess.clip_normalize(img)[None]
+  assert image_processors.training_pixels(clip, None, x) is x
