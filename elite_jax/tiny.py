@@ -149,9 +149,10 @@ def stable_diffusion_and_mappers(seed: int = 0, size: str = "tiny",
 ENCODER_FAMILIES = ("clip", "dinov2", "siglip")
 
 
-def image_encoder(family: str, seed: int = 0, num_layers: int | None = None):
+def image_encoder(family: str, seed: int = 0, num_layers: int | None = None, with_params: bool = True):
   """RANDOM tiny image encoders of each family at 224 px (module, numpy params, its processor config): CLIP as the
-  tiny bundle's (24 layers, 16x16 patches), DINOv2 with 2 registers (12 layers, 8x8), SigLIP (12 layers, 7x7)."""
+  tiny bundle's (24 layers, 16x16 patches), DINOv2 with 2 registers (12 layers, 8x8), SigLIP (12 layers, 7x7).
+  ``with_params=False``: the module alone."""
   from elite_jax import image_processors  # noqa: PLC0415
   from elite_jax.models import encoders  # noqa: PLC0415
   if family == "clip":
@@ -168,6 +169,8 @@ def image_encoder(family: str, seed: int = 0, num_layers: int | None = None):
                                                                     num_attention_heads=4))
   else:
     raise ValueError(f"tiny image encoder family must be one of {ENCODER_FAMILIES}, got {family!r}")
+  if not with_params:
+    return module
   params = random_params(module.param_shapes(), np.random.default_rng(seed))
   return module, params, image_processors.family_defaults(family, 224)
 

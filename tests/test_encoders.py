@@ -173,12 +173,12 @@ def test_mapper_files_record_the_encoder_and_inference_refuses_another(tmp_path)
   from elite_jax.pipeline import ElitePipeline
   from elite_jax.weights.mapper_files import load_mapper, save_mapper
   sd, g, l = tiny.stable_diffusion_and_mappers(seed=0)
-  module, params, proc = tiny.image_encoder("siglip", seed=1)
-  module, params = encoders.with_scanned_layers(module, params, True)  # compiles one layer, not 12
+  module, params, proc = tiny.image_encoder("siglip", seed=1, num_layers=3)
+  module, params = encoders.with_scanned_layers(module, params, True)  # compiles one layer
   sig = sd.replace(image_encoder=module, image_processor=proc, params=dict(sd.params, image_encoder=params))
   record = encoders.EncoderRecord.of(module)
-  assert record == encoders.EncoderRecord("siglip", 32, 12, 224, 32)
-  cfg = dc.replace(g.config, tapped_layers=encoders.default_taps(12), encoder=record)
+  assert record == encoders.EncoderRecord("siglip", 32, 3, 224, 32)
+  cfg = dc.replace(g.config, tapped_layers=encoders.default_taps(3), encoder=record)
   g2 = concept.MapperBundle(kv=g.kv, mlp=concept.init_mlp(cfg, "global", jax.random.key(0)), config=cfg, kind="global")
   l2 = concept.MapperBundle(kv=l.kv, mlp=concept.init_mlp(cfg, "local", jax.random.key(1)), config=cfg, kind="local")
   save_mapper(tmp_path / "g.safetensors", g2, sd.unet.config)
@@ -187,10 +187,10 @@ def test_mapper_files_record_the_encoder_and_inference_refuses_another(tmp_path)
   assert loaded.config == cfg  # the record round-trips through the metadata
   legacy = load_mapper(tmp_path / "official.pt", sd.unet.config, "global")
   assert legacy.config.encoder is None and legacy.config.encoder_record == encoders.EncoderRecord.legacy(32)
-  with pytest.raises(InputError, match=r"trained on another image encoder \(siglip 32-d, 12 layers.*\(clip 32-d"):
+  with pytest.raises(InputError, match=r"trained on another image encoder \(siglip 32-d, 3 layers.*\(clip 32-d"):
     ElitePipeline(sd, loaded)  # the tiny CLIP bundle
   with pytest.raises(InputError, match=r"trained on another image encoder \(clip 32-d, 24 layers"):
-    ElitePipeline(sig, dc.replace(legacy, config=dc.replace(legacy.config, tapped_layers=(12, 2))))
+    ElitePipeline(sig, dc.replace(legacy, config=dc.replace(legacy.config, tapped_layers=(3, 2))))
   pipe = ElitePipeline(sig, loaded, l2)
   img = _image(90, 120, 5)
   mask = np.zeros((90, 120), np.uint8)

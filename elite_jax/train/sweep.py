@@ -67,7 +67,7 @@ def encoder_depth(image_encoder: str) -> int:
   """Layers of an image encoder, from its config alone (nothing is loaded)."""
   if image_encoder.startswith("random-tiny-"):
     from elite_jax import tiny  # noqa: PLC0415
-    return tiny.image_encoder(image_encoder[len("random-tiny-"):])[0].config.num_hidden_layers
+    return tiny.image_encoder(image_encoder[len("random-tiny-"):], with_params=False).config.num_hidden_layers
   cfg = pretrained.read_json(pretrained.resolve(image_encoder) / "config.json")
   return int(cfg.get("vision_config", cfg)["num_hidden_layers"])
 
