@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import (BitImageProcessorPil, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel,
                           Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel,
-                          SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel)
+                          SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
 from elite_jax import image_processors
 from elite_jax.errors import InputError
@@ -51,12 +51,20 @@ def _siglip():
                                               num_hidden_layers=3, num_attention_heads=4))
 
 
+def _siglip_full():  # a SiglipModel checkpoint (both towers, ``vision_model.`` prefix), as the hub's
+  vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4)
+  text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
+  return SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+
+
 # (name, builder, input size, preprocessor crop written to the folder or None, family, grid)
 CASES = [("clip", _clip, 32, None, "clip", 4),
          ("dinov2", _dinov2, 56, None, "dinov2", 4),
          ("dinov2_resampled", _dinov2, 42, 42, "dinov2", 3),  # position grid 4x4 bicubic-resampled to 3x3
          ("dinov2_registers", _dinov2_registers, 56, 56, "dinov2", 4),  # 5x5 -> 4x4, antialiased
-         ("siglip", _siglip, 32, None, "siglip", 4)]
+         ("siglip", _siglip, 32, None, "siglip", 4),
+         ("siglip_full", _siglip_full, 32, None, "siglip", 4)]
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +89,11 @@ def test_encoder_matches_transformers(saved, name, size, fam, grid):
   assert (encoders.family(module), encoders.input_size(module), encoders.grid(module)) == (fam, size, grid)
   pixels = np.random.default_rng(1).standard_normal((2, size, size, 3)).astype(np.float32)
   states, last = jax.jit(module.apply)({"params": params}, pixels)
+  if isinstance(ref, SiglipModel):
+    ref = ref.vision_model
   with torch.no_grad():
     out = ref(pixel_values=_nchw(pixels), output_hidden_states=True)
-  assert len(states) == len(out.hidden_states) == ref.config.num_hidden_layers + 1
+  assert len(states) == len(out.hidden_states) == module.config.num_hidden_layers + 1
   for k, (got, want) in enumerate(zip(states, out.hidden_states)):
     assert got.shape == want.shape, k
     assert _rel(got, want.numpy()) < 1e-5, (name, k)
@@ -208,7 +218,8 @@ def test_training_batches_renormalised_for_the_encoder():
   module, _, proc = tiny.image_encoder("dinov2", num_layers=1)
   img = _image(224, 224, 7)
   got = image_processors.training_pixels(module, proc, preprocess.clip_normalize(img)[None])
-  want = (img / np.float32(255) - np.float32(image_processors.IMAGENET_MEAN)) / np.float32(image_processors.IMAGENET_STD)
+  mean, std = np.float32(image_processors.IMAGENET_MEAN), np.float32(image_processors.IMAGENET_STD)
+  want = (img / np.float32(255) - mean) / std
   assert np.abs(np.asarray(got)[0] - want).max() < 1e-5
   mask = np.zeros((1, 16, 16), np.float32)
   mask[0, :, 8:] = 1

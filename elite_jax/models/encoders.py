@@ -34,7 +34,7 @@ from elite_jax.models.clip import CLIPEncoder, CLIPVisionConfig, CLIPVisionTrans
 from elite_jax.models.layers import EMBED
 from elite_jax.models import scan
 from elite_jax.models.scan import layer_stack
-from elite_jax.models.vit import ViTAttention, ViTPatchEmbeddings, _Dense
+from elite_jax.models.vit import ViTAttention, ViTPatchEmbeddings
 from elite_jax.types import Dtype, Params
 
 FAMILIES = ("clip", "dinov2", "siglip")
