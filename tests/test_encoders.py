@@ -6,6 +6,7 @@ Each reference is a tiny random model saved with save_pretrained and read back b
 
 import json
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -117,14 +118,21 @@ def test_scanned_layers_round_trip(saved, name):
   back = scan.unscan_tree(sparams, path)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, back, params)
-  assert jax.tree.structure(jax.tree.map(lambda x: x, smodule.param_shapes(),
-                                         is_leaf=lambda x: hasattr(x, "shape"))) is not None
+  want = jax.tree.map(lambda s: s.shape, nn.meta.unbox(smodule.param_shapes()))
+  assert jax.tree.map(np.shape, sparams) == want  # stacked: a leading axis of n layers
+  assert all(s[0] == n for s in jax.tree.leaves(_at_path(want, path), is_leaf=lambda x: isinstance(x, tuple)))
   size = encoders.input_size(module)
   pixels = np.random.default_rng(2).standard_normal((1, size, size, 3)).astype(np.float32)
   a, _ = jax.jit(module.apply)({"params": params}, pixels)
   b, _ = jax.jit(smodule.apply)({"params": sparams}, pixels)
   for x, y in zip(a, b):
     assert _rel(x, y) < 1e-6
+
+
+def _at_path(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
 
 
 def _image(h, w, seed):
@@ -228,3 +236,17 @@ def test_training_batches_renormalised_for_the_encoder():
   clip = tiny.image_encoder("clip", num_layers=1)[0]  # ELITE's geometry: untouched
   x = preprocess.clip_normalize(img)[None]
   assert image_processors.training_pixels(clip, None, x) is x
+
+
+def test_scanned_encoder_compiles_one_layer_body():
+  # What keeps compile time flat with depth: the scanned program holds one layer's matmuls whatever the depth,
+  # the unrolled one a copy per layer (bench/bench_compile.py times it).
+  from elite_jax.models.clip import CLIPVisionConfig as Cfg, CLIPVisionTransformer
+  def dots(depth, scanned):
+    cfg = Cfg(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=depth,
+              num_attention_heads=2)
+    m = CLIPVisionTransformer(cfg, scan_layers=scanned)
+    shapes = nn.meta.unbox(m.param_shapes())
+    text = jax.jit(m.apply).lower({"params": shapes}, jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)).as_text()
+    return text.count("dot_general")
+  assert dots(48, True) == dots(2, True) < dots(4, False) < dots(8, False)
