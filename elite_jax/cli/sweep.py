@@ -11,6 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from elite_jax import runtime
 from elite_jax.errors import InputError
 from elite_jax.train.checkpoint import CheckpointWriteError
 from elite_jax.train.loop import EXIT_INTERRUPTED, Interrupted, NonFiniteLoss
@@ -40,6 +41,7 @@ def main(argv) -> None:
   except AttributeError:
     print("error: not a sweep config (it has no grid)", file=sys.stderr)
     sys.exit(2)
+  runtime.configure()  # the persistent compilation cache, as elite-train
   try:
     run_sweep(sweep, _WORKDIR.value)
   except InputError as e:

@@ -130,9 +130,9 @@ def train(cfg, workdir: str | os.PathLike) -> dict:
   checkpoint.CheckpointWriteError and InputError, each with a one-line message (see the exit codes above)."""
   config_lib.validate(cfg)
   hosts.check_single(cfg)
+  if cfg.multihost:  # first: JAX's runtime installs its own SIGTERM handler (a preemption notifier), which would
+    hosts.initialize(heartbeat_timeout=int(cfg.distributed.heartbeat_timeout))  # take the place of ours
   with StopSignals() as signals:
-    if cfg.multihost:
-      hosts.initialize(heartbeat_timeout=int(cfg.distributed.heartbeat_timeout))
     with hosts.Watchdog(cfg.distributed.peer_timeout):
       return _train(cfg, Path(workdir), signals)
 
