@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from elite_jax import concept as concept_lib, preprocess, schedulers, text, tiny
+from elite_jax import concept as concept_lib, image_processors, preprocess, schedulers, text, tiny
 from elite_jax.concept import Concept, MapperBundle
 from elite_jax.errors import InputError
 from elite_jax.models.elite_attention import LocalInputs
@@ -117,7 +117,7 @@ class ElitePipeline:
       mask = preprocess.load_mask(mask, size=image.shape[:2])
     if mask is None and self.local_mapper is not None:
       mask = np.ones(image.shape[:2], np.uint8)
-    inputs = preprocess.preprocess_concept(image, mask)
+    inputs = image_processors.concept_inputs(self.sd.image_encoder, self.sd.image_processor, image, mask)
     fn = self._compiled.get("encode")
     if fn is None:
       fn = self._compiled["encode"] = jax.jit(self._encode)

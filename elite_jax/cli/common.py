@@ -39,7 +39,8 @@ def exit_code(fn: Callable, *args: Any) -> int:
 def add_model_flags(p: argparse.ArgumentParser) -> None:
   """--pretrained, --image-encoder, --global-mapper, --local-mapper, --attention, --random-weights."""
   p.add_argument("--pretrained", default="CompVis/stable-diffusion-v1-4", help="diffusers SD folder or hub repo id")
-  p.add_argument("--image-encoder", default="openai/clip-vit-large-patch14", help="CLIP folder or hub repo id")
+  p.add_argument("--image-encoder", default="openai/clip-vit-large-patch14",
+                 help="image encoder folder or hub repo id (CLIP, DINOv2, SigLIP: the mappers' own)")
   p.add_argument("--global-mapper", help="official global_mapper.pt or an elite-jax .safetensors mapper")
   p.add_argument("--local-mapper", help="official local_mapper.pt or an elite-jax .safetensors mapper")
   p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
