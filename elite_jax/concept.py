@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elite_jax.errors import InputError
-from elite_jax.models.clip import CLIPVisionTransformer
+from elite_jax.models import encoders
 from elite_jax.models.layers import EMBED, HEADS
 from elite_jax.models.mappers import GlobalMapper, LocalMapper, MapperConfig, select_features
 from elite_jax.models.unet import UNetConfig
@@ -117,12 +117,17 @@ def init_mlp(config: MapperConfig, kind: str, rng: jax.Array) -> Params:
   return nn.meta.unbox(module.init(rng, feats)["params"])
 
 
-def check_fits(bundle: MapperBundle, image_encoder: CLIPVisionTransformer, text_dim: int) -> None:
-  """InputError when the mapper cannot read this image encoder or write words for this text encoder."""
+def check_fits(bundle: MapperBundle, image_encoder: encoders.ImageEncoder, text_dim: int) -> None:
+  """InputError when the mapper cannot read this image encoder (another width, or another encoder than the one it
+  was trained on) or write words for this text encoder."""
   c, vis = bundle.config, image_encoder.config
   if c.input_dim != vis.hidden_size:
     raise InputError(f"the {bundle.kind} mapper reads {c.input_dim}-d image features but the image encoder is "
                      f"{vis.hidden_size}-d")
+  want, have = c.encoder_record, encoders.EncoderRecord.of(image_encoder)
+  if want != have:
+    raise InputError(f"the {bundle.kind} mapper was trained on another image encoder ({want.describe()}) than the "
+                     f"one loaded ({have.describe()})")
   if c.output_dim != text_dim:
     raise InputError(f"the {bundle.kind} mapper makes {c.output_dim}-d words but the text encoder is {text_dim}-d")
   if max(c.tapped_layers) > vis.num_hidden_layers:
@@ -134,11 +139,12 @@ def check_fits(bundle: MapperBundle, image_encoder: CLIPVisionTransformer, text_
 # Encoding
 # ---------------------------------------------------------------------------------------------------------------
 
-def image_features(encoder: CLIPVisionTransformer, params: Params, pixels: jax.Array,
+def image_features(encoder: encoders.ImageEncoder, params: Params, pixels: jax.Array,
                    tapped_layers: Sequence[int]) -> list[jax.Array]:
-  """The frozen CLIP features each mapper word reads (spec 1.1), gradients stopped."""
+  """The frozen image features each mapper word reads (spec 1.1; (B, 1 + grid**2, C), the global token first),
+  gradients stopped."""
   states, _ = encoder.apply({"params": params}, pixels)
-  return [jax.lax.stop_gradient(f) for f in select_features(states, tapped_layers)]
+  return [jax.lax.stop_gradient(encoders.mapper_tokens(encoder, f)) for f in select_features(states, tapped_layers)]
 
 
 def global_words(bundle: MapperBundle, features: Sequence[jax.Array], dtype: Dtype = jnp.float32) -> jax.Array:

@@ -194,7 +194,7 @@ def _number(v: Any, name: str) -> int | float:
 
 
 def _progress_reporter(progress: Any):
-  """The pipeline's progress callback, feeding gr.Progress. The sampling loop calls it from another thread, where
+  """The pipeline's progress callback, feeding gr.Progress. The sampling loop may call it from another thread, where
   gradio's context variables (which event it belongs to) are unset: run it in a copy of this thread's context."""
   context = contextvars.copy_context()
 

@@ -3,7 +3,7 @@
 - ``word_report``: for each mapper word (w0 first), its norm and its nearest vocabulary tokens by cosine in the text
   encoder's token-embedding table, the table whose row the words replace at the placeholder (spec 2.3).
 - ``inspect``: images and their attention maps from one ``ElitePipeline.generate(..., attention_maps=True)`` call, the
-  same jitted sampling loop that makes the images. Per image and latent resolution (h, w):
+  same sampling loop that makes the images. Per image and latent resolution (h, w):
   ``w0``: the probability of w0's token in the text attention, a = A[:, :, s_b] of spec 3.3 (global branch,
   conditional pass); ``local``: the weight of the local attention's output, lambda * M with M = a / max(a), the factor
   by which spec 3.3 adds ``(M * softmax(Q Kl^T / sqrt(d))) Vl``. Each is averaged over heads, over the attn2 layers of

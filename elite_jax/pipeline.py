@@ -7,8 +7,8 @@
 
 What it computes is the official inference (spec 6): the concept's words are injected at the placeholder of each
 prompt, the UNet's cross-attention uses the global mapper's K/V copies (unconditional branch too) and, with a local
-mapper, adds lambda * M * local attention; classifier-free guidance, the scheduler loop and the VAE decode run in one
-jit-compiled function. The two CFG branches are batched; the local branch's max is taken per conditional sample,
+mapper, adds lambda * M * local attention; classifier-free guidance, the scheduler step and the VAE decode are
+jit-compiled (the loop over steps runs in Python between compiled steps). The two CFG branches are batched; the local branch's max is taken per conditional sample,
 which is what the official code (one image per call) computes.
 """
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from elite_jax import concept as concept_lib, preprocess, schedulers, text, tiny
+from elite_jax import concept as concept_lib, image_processors, preprocess, schedulers, text, tiny
 from elite_jax.compose import ControlNetModel, IPAdapter
 from elite_jax.concept import Concept, MapperBundle
 from elite_jax.errors import InputError
@@ -48,7 +48,6 @@ class ElitePipeline:
     self.sd = sd
     self._models = jax.device_put(cast_floating(sd.params, sd.dtype))
     self._compiled: dict = {}
-    self._bar = None  # the progress bar the jitted loop's host callback advances
     self.controlnet = self.ip_adapter = None
     self.set_mappers(global_mapper, local_mapper)
     if controlnet is not None:
@@ -165,7 +164,7 @@ class ElitePipeline:
       mask = preprocess.load_mask(mask, size=image.shape[:2])
     if mask is None and self.local_mapper is not None:
       mask = np.ones(image.shape[:2], np.uint8)
-    inputs = preprocess.preprocess_concept(image, mask)
+    inputs = image_processors.concept_inputs(self.sd.image_encoder, self.sd.image_processor, image, mask)
     fn = self._compiled.get("encode")
     if fn is None:
       fn = self._compiled["encode"] = jax.jit(self._encode)
@@ -238,17 +237,16 @@ class ElitePipeline:
     batch_size = opts.batch_size or n
     out = []
     total = opts.steps * -(-n // batch_size)
-    self._bar = (_CallbackBar(progress, total) if callable(progress) else
-                 tqdm(total=total, desc="denoising", unit="step") if progress else None)
+    bar = (_CallbackBar(progress, total) if callable(progress) else
+           tqdm(total=total, desc="denoising", unit="step") if progress else None)
     try:
       for s in range(0, n, batch_size):
         sl = slice(s, s + batch_size)
         out.append(self._denoise(concept, ids[sl], index[sl], init[sl], sampler, float(opts.guidance),
-                                 float(opts.lam), k, bool(progress), attention_maps, extras))
+                                 float(opts.lam), k, bar, attention_maps, extras))
     finally:
-      if self._bar is not None:
-        self._bar.close()
-      self._bar = None
+      if bar is not None:
+        bar.close()
     if not attention_maps:
       return np.concatenate(out, axis=0)
     images = np.concatenate([o[0] for o in out], axis=0)
@@ -284,25 +282,52 @@ class ElitePipeline:
                            jnp.float32(opts.control_scale))
     return extras
 
-  def _denoise(self, concept, ids, index, init, sampler, guidance, lam, k, progress, maps=False, extras=None):
+  def _denoise(self, concept, ids, index, init, sampler, guidance, lam, k, bar, maps=False, extras=None):
+    """The sampling loop, stepped from Python: three jitted programs (text + start, one step, decode) that hold no
+    host callback, so the persistent compilation cache keeps them (a loop with a progress callback inside would be
+    compiled again by every run); the bar advances between steps."""
     cfg = guidance != 1.0
     use_local = concept.local is not None and lam > 0
     extras = extras or {"control": None, "ip": None}
-    key = ("denoise", cfg, use_local, k, progress, maps, extras["control"] is not None, extras["ip"] is not None)
-    fn = self._compiled.get(key)
-    if fn is None:
-      fn = self._compiled[key] = jax.jit(functools.partial(self._denoise_fn, cfg=cfg, use_local=use_local, k=k,
-                                                           progress=progress, maps=maps))
-    out = fn(self.params, concept.words, concept.local if use_local else None, jnp.asarray(ids),
-             jnp.asarray(index), init, sampler, jnp.float32(guidance), jnp.float32(lam), extras)
-    return jax.tree.map(np.asarray, out)
+    compose = self._compose_inputs(extras, cfg, ids.shape[0])
+    key = ("denoise", cfg, use_local, k, maps, extras["control"] is not None, extras["ip"] is not None)
+    fns = self._compiled.get(key)
+    if fns is None:
+      fns = self._compiled[key] = (jax.jit(functools.partial(self._start_fn, cfg=cfg, k=k, maps=maps)),
+                                   jax.jit(functools.partial(self._step_fn, cfg=cfg, maps=maps)),
+                                   jax.jit(self._decode_fn))
+    start, step, decode = fns
+    local = concept.local if use_local else None
+    ids, index = jnp.asarray(ids), jnp.asarray(index)
+    guidance, lam = jnp.float32(guidance), jnp.float32(lam)
+    context, x, state, acc = start(self.params, concept.words, local, ids, index, init, sampler, lam, compose)
+    for i in range(sampler.num_steps):
+      x, state, acc = step(self.params["unet"], context, local, index, x, state, acc, jnp.int32(i), sampler,
+                           guidance, lam, compose)
+      if bar is not None:
+        jax.block_until_ready(x)  # the bar counts steps done, not steps dispatched
+        bar.update(1)
+    img = decode(self.params["vae"], x)
+    return jax.tree.map(np.asarray, (img, jax.tree.map(lambda a: a / sampler.num_steps, acc)) if maps else img)
 
-  def _advance_bar(self, i) -> None:
-    if self._bar is not None:
-      self._bar.update(1)
+  def _compose_inputs(self, extras: dict, cfg: bool, b: int) -> dict:
+    """What the ControlNet and the IP-Adapter add to every step, for a batch of ``b`` images: the ControlNet's
+    parameters, control image, keep rule and scale; the IP tokens of every UNet row (conditional rows the image's,
+    unconditional rows IP-Adapter's unconditional ones) and their scale."""
+    out = {"control": None, "ip": None}
+    rows = 2 * b if cfg else b
+    if extras["ip"] is not None:
+      tokens, ip_scale = extras["ip"]
+      parts = [jnp.broadcast_to(tokens[j:j + 1], (b,) + tokens.shape[1:]) for j in ((0, 1) if cfg else (0,))]
+      out["ip"] = IPInputs(jnp.concatenate(parts, axis=0), ip_scale)
+    if extras["control"] is not None:
+      pixels, keep, scale = extras["control"]
+      out["control"] = (self.params["controlnet"], jnp.broadcast_to(pixels, (rows,) + pixels.shape[1:]), keep, scale)
+    return out
 
-  def _denoise_fn(self, params, words, local, ids, index, init, sampler, guidance, lam, extras, *, cfg, use_local,
-                  k, progress, maps=False):
+  def _start_fn(self, params, words, local, ids, index, init, sampler, lam, compose, *, cfg, k, maps):
+    """The text encoder's context (conditional rows first, then the unconditional ones), the first latents, the
+    sampler's state and, with ``maps``, zero sums of the shapes one step's maps have."""
     sd = self.sd
     b = ids.shape[0]
     w = jnp.broadcast_to(words[:, :k], (b, k, words.shape[-1]))
@@ -311,57 +336,53 @@ class ElitePipeline:
       uncond_ids = jnp.asarray(text.tokenize(sd.tokenizer, [""]))
       uncond = sd.text_encoder.apply({"params": params["text_encoder"]}, uncond_ids)[0]
       context = jnp.concatenate([context, jnp.broadcast_to(uncond, context.shape)], axis=0)
-    local_in = None
-    if use_local:
-      feats = jnp.broadcast_to(local, (b,) + local.shape[1:])
-      local_in = LocalInputs(feats, index, jnp.full((b,), lam, jnp.float32), max_group=1)
-
-    ip_in = None
-    if extras["ip"] is not None:  # conditional rows the image's tokens, unconditional rows IP-Adapter's uncond ones
-      tokens, ip_scale = extras["ip"]
-      rows = [jnp.broadcast_to(tokens[j:j + 1], (b,) + tokens.shape[1:]) for j in ((0, 1) if cfg else (0,))]
-      ip_in = IPInputs(jnp.concatenate(rows, axis=0), ip_scale)
-    control = None
-    if extras["control"] is not None:
-      pixels, keep, control_scale = extras["control"]
-      control = jnp.broadcast_to(pixels, (context.shape[0],) + pixels.shape[1:])
-
-    def unet(xin, t, i):  # eps, and with ``maps`` this step's attention maps (the attn2 layers' sown values)
-      residuals = None
-      if control is not None:  # the ControlNet sees what the UNet sees: both CFG branches, the concept's words
-        residuals = self.controlnet.module.apply({"params": params["controlnet"]}, xin, t, context, control,
-                                                 control_scale * keep[i])
-      run = functools.partial(sd.unet.apply, {"params": params["unet"]}, xin, t, context, local_in, residuals, ip_in)
-      if not maps:
-        return run(), None
-      eps, sown = run(mutable=["attention_maps"])
-      return eps, _step_maps(sown["attention_maps"], index)
-
-    def body(i, carry):
-      x, state, acc = carry
-      xin = sampler.scale_model_input(x, i)
-      if cfg:
-        xin = jnp.concatenate([xin, xin], axis=0)
-      eps, step_maps = unet(xin, sampler.timesteps[i], i)
-      eps = eps.astype(jnp.float32)
-      if cfg:
-        e_c, e_u = jnp.split(eps, 2, axis=0)
-        eps = e_u + guidance * (e_c - e_u)
-      if progress:
-        jax.debug.callback(self._advance_bar, i)
-      return (*sampler.step(state, i, eps, x), jax.tree.map(jnp.add, acc, step_maps))
-
     x = init * sampler.init_noise_sigma
     acc = None
-    if maps:  # the sums over steps live in the loop's carry, zeros of the shapes one step makes
+    if maps:
       xin = jnp.concatenate([x, x], axis=0) if cfg else x
-      acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(unet, xin, sampler.timesteps[0], 0)[1])
-    x, _, acc = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x), acc))
-    vae_cfg = sd.vae.config
+      shapes = jax.eval_shape(lambda: self._unet(params["unet"], xin, sampler.timesteps[0], context, local, index,
+                                                 lam, True, compose, 0)[1])
+      acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return context, x, sampler.init_state(x), acc
+
+  def _unet(self, unet_params, xin, t, context, local, index, lam, maps, compose=None, i=0):
+    """eps, and with ``maps`` this step's attention maps (the attn2 layers' sown values). ``compose``: the
+    ControlNet's and IP-Adapter's inputs (``_compose_inputs``); ``i`` the step, for the ControlNet's keep rule."""
+    local_in = None
+    if local is not None:
+      b = index.shape[0]
+      feats = jnp.broadcast_to(local, (b,) + local.shape[1:])
+      local_in = LocalInputs(feats, index, jnp.full((b,), lam, jnp.float32), max_group=1)
+    residuals = ip_in = None
+    if compose is not None:
+      ip_in = compose["ip"]
+      if compose["control"] is not None:  # the ControlNet sees what the UNet sees: both CFG branches, the words
+        cn_params, pixels, keep, scale = compose["control"]
+        residuals = self.controlnet.module.apply({"params": cn_params}, xin, t, context, pixels, scale * keep[i])
+    run = functools.partial(self.sd.unet.apply, {"params": unet_params}, xin, t, context, local_in, residuals, ip_in)
+    if not maps:
+      return run(), None
+    eps, sown = run(mutable=["attention_maps"])
+    return eps, _step_maps(sown["attention_maps"], index)
+
+  def _step_fn(self, unet_params, context, local, index, x, state, acc, i, sampler, guidance, lam, compose, *, cfg,
+               maps):
+    """One sampler step: the UNet on both CFG branches at once, guidance, the scheduler update."""
+    xin = sampler.scale_model_input(x, i)
+    if cfg:
+      xin = jnp.concatenate([xin, xin], axis=0)
+    eps, step_maps = self._unet(unet_params, xin, sampler.timesteps[i], context, local, index, lam, maps, compose, i)
+    eps = eps.astype(jnp.float32)
+    if cfg:
+      e_c, e_u = jnp.split(eps, 2, axis=0)
+      eps = e_u + guidance * (e_c - e_u)
+    return (*sampler.step(state, i, eps, x), jax.tree.map(jnp.add, acc, step_maps))
+
+  def _decode_fn(self, vae_params, x):
+    vae_cfg = self.sd.vae.config
     z = x / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
-    img = sd.vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode).astype(jnp.float32)
-    img = jnp.round(jnp.clip(img / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
-    return (img, jax.tree.map(lambda a: a / sampler.num_steps, acc)) if maps else img
+    img = self.sd.vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode).astype(jnp.float32)
+    return jnp.round(jnp.clip(img / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
 
 class _CallbackBar:

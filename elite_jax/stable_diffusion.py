@@ -39,11 +39,13 @@ class StableDiffusion:
   tokenizer: Any
   schedule: schedulers.NoiseSchedule
   params: Params
+  image_processor: Any = None  # the image encoder's ImageProcessorConfig; None: ELITE's CLIP preprocessing
 
   @classmethod
   def load(cls, pretrained_sd: str | os.PathLike = "CompVis/stable-diffusion-v1-4",
            image_encoder: str | os.PathLike = "openai/clip-vit-large-patch14", **module_kw: Any) -> StableDiffusion:
-    """A diffusers Stable Diffusion folder or hub id and a CLIP (vision) checkpoint folder or hub id.
+    """A diffusers Stable Diffusion folder or hub id and an image encoder checkpoint folder or hub id (CLIP, DINOv2 or
+    SigLIP, see ``pretrained.load_image_encoder``).
 
     ``module_kw``: ``dtype``, ``attention_impl``, ``remat`` for the modules (see ``configure``).
     """
@@ -54,11 +56,12 @@ class StableDiffusion:
     unet, unet_p = pretrained.load_unet(sd / "unet")
     vae, vae_p = pretrained.load_vae(sd / "vae")
     text, text_p = pretrained.load_text_encoder(sd / "text_encoder")
-    image, image_p = pretrained.load_image_encoder(pretrained.resolve(image_encoder))
+    image, image_p, processor = pretrained.load_image_encoder_and_processor(pretrained.resolve(image_encoder))
     schedule = schedulers.NoiseSchedule.from_config(pretrained.read_json(sd / "scheduler" / "scheduler_config.json"))
     bundle = cls(unet=unet, vae=vae, text_encoder=text, image_encoder=image,
                  tokenizer=pretrained.load_tokenizer(sd / "tokenizer"), schedule=schedule,
-                 params={"unet": unet_p, "vae": vae_p, "text_encoder": text_p, "image_encoder": image_p})
+                 params={"unet": unet_p, "vae": vae_p, "text_encoder": text_p, "image_encoder": image_p},
+                 image_processor=processor)
     return bundle.configure(**module_kw)
 
   def configure(self, *, dtype: str | Dtype | None = None, attention_impl: str | None = None,

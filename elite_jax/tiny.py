@@ -88,7 +88,9 @@ def random_params(shapes: Params, rng: np.random.Generator) -> Params:
       return np.ones(x.shape, np.float32)
     if name == "bias":
       return np.zeros(x.shape, np.float32)
-    if name in ("embedding", "class_embedding"):
+    if name == "lambda1":  # DINOv2's layer scale
+      return np.ones(x.shape, np.float32)
+    if name in ("embedding", "class_embedding", "cls_token", "position_embeddings", "register_tokens"):
       return (0.02 * rng.standard_normal(x.shape)).astype(np.float32)
     fan_in = int(np.prod(x.shape[:-1])) or 1
     return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
@@ -142,6 +144,35 @@ def stable_diffusion_and_mappers(seed: int = 0, size: str = "tiny",
     mlp = draw(module.param_shapes())
     mappers.append(MapperBundle(kv=draw(kv_shapes(unet_cfg, kind)), mlp=mlp, config=map_cfg, kind=kind))
   return sd, mappers[0], mappers[1]
+
+
+ENCODER_FAMILIES = ("clip", "dinov2", "siglip")
+
+
+def image_encoder(family: str, seed: int = 0, num_layers: int | None = None, with_params: bool = True):
+  """RANDOM tiny image encoders of each family at 224 px (module, numpy params, its processor config): CLIP as the
+  tiny bundle's (24 layers, 16x16 patches), DINOv2 with 2 registers (12 layers, 8x8), SigLIP (12 layers, 7x7).
+  ``with_params=False``: the module alone."""
+  from elite_jax import image_processors  # noqa: PLC0415
+  from elite_jax.models import encoders  # noqa: PLC0415
+  if family == "clip":
+    module = CLIPVisionTransformer(CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=num_layers or 24, num_attention_heads=4))
+  elif family == "dinov2":
+    module = encoders.Dinov2Model(encoders.Dinov2Config(image_size=224, patch_size=28, hidden_size=32,
+                                                        num_hidden_layers=num_layers or 12, num_attention_heads=4,
+                                                        mlp_ratio=2, num_register_tokens=2))
+  elif family == "siglip":
+    module = encoders.SiglipVisionModel(encoders.SiglipVisionConfig(image_size=224, patch_size=32, hidden_size=32,
+                                                                    intermediate_size=64,
+                                                                    num_hidden_layers=num_layers or 12,
+                                                                    num_attention_heads=4))
+  else:
+    raise ValueError(f"tiny image encoder family must be one of {ENCODER_FAMILIES}, got {family!r}")
+  if not with_params:
+    return module
+  params = random_params(module.param_shapes(), np.random.default_rng(seed))
+  return module, params, image_processors.family_defaults(family, 224)
 
 
 def stable_diffusion(seed: int = 0, size: str = "tiny") -> StableDiffusion:

@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("ELITE_JAX_TEST_CACHE", os.path.expanduser("~/.cache/elite_jax/jax_test_cache")))
+# The commands the tests start as subprocesses use the same folder (elite_jax.runtime reads ELITE_JAX_CACHE).
+os.environ["ELITE_JAX_CACHE"] = os.environ.get("ELITE_JAX_TEST_CACHE",
+                                               os.path.expanduser("~/.cache/elite_jax/jax_test_cache"))
+jax.config.update("jax_compilation_cache_dir", os.environ["ELITE_JAX_CACHE"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

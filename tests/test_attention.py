@@ -82,6 +82,22 @@ def test_gradients_match(impl):
     assert _rel(g, w) < 1e-5
 
 
+# Block sizes that make the CPU kernel loop over query chunks (32 queries), over head groups (2 of 4 heads), both
+# at once in a head group, and over 77-key blocks whose query count 256 has no divisor near the target.
+@pytest.mark.parametrize("block_bytes,kv_len", [(256 * 4 * 32, 256), (256 * 4 * 256 * 2, 256), (77 * 4 * 100, 77)])
+def test_cpu_blocks_tile_exactly(block_bytes, kv_len):
+  q, k, v = _inputs((2, 256, 2, 40), kv_len, jnp.float32, seed=3)
+  weights = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape), jnp.float32)
+  got = jax.jit(lambda q, k, v: attention._cpu_blocked(q, k, v, block_bytes))(q, k, v)
+  assert _rel(got, plain(q, k, v, False)) < 2e-6
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * weights)  # noqa: E731
+  got = jax.grad(loss(lambda q, k, v: attention._cpu_blocked(q, k, v, block_bytes)), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="xla")),
+                  argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    assert _rel(g, w) < 1e-5
+
+
 def test_choice_by_backend_and_bad_names():
   assert attention.resolve("auto") == attention.resolve(None) == "cpu"  # this suite runs on the CPU backend
   assert attention.resolve("xla") == "xla"

@@ -44,6 +44,7 @@ gr = _need("gradio")
 gradio_client = _need("gradio_client")
 demo = importlib.import_module("elite_jax.demo")  # after the check: it imports gradio
 cli_demo = importlib.import_module("elite_jax.cli.demo")
+from elite_jax.cli import common  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = REPO / "tests" / "data" / "dreambench" / "dog" / "00.jpg"
 
@@ -146,7 +147,7 @@ def test_command_flags_and_bad_input(capsys):
   assert cli_demo.main([]) == 2  # real weights need a mapper: said before anything loads
   assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --global-mapper is required")
   args = cli_demo.parse_args(["--random-weights"])  # tiny models start the page small
-  assert (args.height, args.width, args.steps) == (64, 64, cli_demo.RANDOM_DEFAULTS.steps)
+  assert (args.height, args.width, args.steps) == (64, 64, common.RANDOM_DEFAULTS.steps)
   assert cli_demo.parse_args([]).steps == 100
 
 

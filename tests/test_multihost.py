@@ -61,7 +61,7 @@ def same_mapper(a: Path, b: Path, lr: float = 1e-4) -> None:
   x, y = safetensors.numpy.load_file(str(a)), safetensors.numpy.load_file(str(b))
   assert x.keys() == y.keys()
   for k in x:
-    np.testing.assert_allclose(x[k], y[k], rtol=0, atol=0.05 * lr, err_msg=k)
+    np.testing.assert_allclose(x[k], y[k], rtol=0, atol=0.5 * lr, err_msg=k)
 
 
 def wait_for(condition, proc, timeout=600):

@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from elite_jax import runtime
 from elite_jax.compose import ControlNetModel, IPAdapter
 from elite_jax.errors import InputError
 from elite_jax.models.attention import IMPLEMENTATIONS
@@ -20,10 +21,14 @@ from elite_jax.text import INDEX_MODES
 from elite_jax.types import DTYPES
 
 RANDOM_NOTE = "RANDOM WEIGHTS: tiny untrained models, the output is noise"
+# --random-weights checks an install (tiny models): 64 px and 4 steps, seconds, unless the flags say otherwise.
+RANDOM_DEFAULTS = GenerationOptions(height=64, width=64, steps=4)
 
 
 def exit_code(fn: Callable, *args: Any) -> int:
-  """Run an entry point's body: 0 when it returns, 2 with ``error: <message>`` on stderr for an InputError."""
+  """Run an entry point's body (after ``runtime.configure()``): 0 when it returns, 2 with ``error: <message>`` on
+  stderr for an InputError."""
+  runtime.configure()
   try:
     fn(*args)
   except InputError as e:
@@ -35,14 +40,15 @@ def exit_code(fn: Callable, *args: Any) -> int:
 def add_model_flags(p: argparse.ArgumentParser) -> None:
   """--pretrained, --image-encoder, --global-mapper, --local-mapper, --attention, --random-weights."""
   p.add_argument("--pretrained", default="CompVis/stable-diffusion-v1-4", help="diffusers SD folder or hub repo id")
-  p.add_argument("--image-encoder", default="openai/clip-vit-large-patch14", help="CLIP folder or hub repo id")
+  p.add_argument("--image-encoder", default="openai/clip-vit-large-patch14",
+                 help="image encoder folder or hub repo id (CLIP, DINOv2, SigLIP: the mappers' own)")
   p.add_argument("--global-mapper", help="official global_mapper.pt or an elite-jax .safetensors mapper")
   p.add_argument("--local-mapper", help="official local_mapper.pt or an elite-jax .safetensors mapper")
   p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
                  help="attention kernel: auto (by backend), xla, cudnn (GPU, half precision), cpu, pallas (TPU)")
   p.add_argument("--random-weights", action="store_true",
-                 help="RANDOM WEIGHTS, output is noise: tiny in-memory models to check an install offline (mapper "
-                      "files given with it, e.g. from configs/tiny_stage*.py runs, replace its random mappers)")
+                 help="RANDOM WEIGHTS, output is noise: tiny in-memory models to check an install offline in seconds "
+                      "(64 px and 4 steps unless given; mapper files given with it, e.g. from configs/tiny_stage*.py runs, replace its random mappers)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +108,13 @@ def add_generation_flags(p: argparse.ArgumentParser, defaults: GenerationOptions
       continue
     kw = {"choices": f.choices} if f.choices else {}
     p.add_argument(flag, dest=f.field, type=f.type, default=getattr(defaults, f.field), help=f.help, **kw)
+
+
+def generation_defaults(argv: Sequence[str] | None) -> GenerationOptions:
+  """The generation flags' defaults: RANDOM_DEFAULTS when the command line has --random-weights."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--random-weights", action="store_true")
+  return RANDOM_DEFAULTS if pre.parse_known_args(argv)[0].random_weights else GenerationOptions()
 
 
 def generation_options(args: argparse.Namespace, defaults: GenerationOptions = GenerationOptions(),

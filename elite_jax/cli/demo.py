@@ -16,20 +16,12 @@ from typing import Sequence
 
 from elite_jax.cli import common
 from elite_jax.errors import InputError
-from elite_jax.options import GenerationOptions
-
-# Tiny random models: small and quick starting values (the page lets them be changed).
-RANDOM_DEFAULTS = GenerationOptions(height=64, width=64, steps=4)
-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  pre = argparse.ArgumentParser(add_help=False)
-  pre.add_argument("--random-weights", action="store_true")
-  defaults = RANDOM_DEFAULTS if pre.parse_known_args(argv)[0].random_weights else GenerationOptions()
   p = argparse.ArgumentParser(prog="elite-demo", description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   common.add_model_flags(p)
-  common.add_generation_flags(p, defaults)
+  common.add_generation_flags(p, common.generation_defaults(argv))
   p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
   p.add_argument("--port", type=int, default=7860, help="port to serve on")
   p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")

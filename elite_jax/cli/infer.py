@@ -6,8 +6,8 @@
 ``--controlnet ID --control-image IMG`` adds a ControlNet, ``--ip-adapter FILE --ip-image IMG`` an IP-Adapter.
 
 (``python infer.py`` in a checkout is the same command.) Defaults are the official inference settings: SD v1-4,
-CLIP ViT-L/14, w0 only, LMS with 100 steps, guidance 5, lambda 0.8. Bad input exits with code 2 and a one-line
-message.
+CLIP ViT-L/14, w0 only, LMS with 100 steps, guidance 5, lambda 0.8 (with ``--random-weights``, an install check:
+64 px and 4 steps unless given). Bad input exits with code 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--image", required=True, help="the concept photo (JPEG/PNG)")
   p.add_argument("--mask", help="object mask (same size as --image); without it the local branch sees the whole image")
   p.add_argument("--prompt", action="append", help="prompt naming the concept by the placeholder (repeatable)")
-  common.add_generation_flags(p)
+  common.add_generation_flags(p, common.generation_defaults(argv))
   common.add_compose_flags(p)
   p.add_argument("--init-latents", help=".npy standard-normal latents (N, 4, H/8, W/8), NCHW as diffusers")
   p.add_argument("--output", default="out.png", help="PNG path; several images are written as OUT_0.png, OUT_1.png...")

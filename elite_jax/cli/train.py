@@ -14,6 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from elite_jax import runtime
 from elite_jax.errors import InputError
 from elite_jax.train.checkpoint import CheckpointWriteError
 from elite_jax.train.loop import EXIT_INTERRUPTED, Interrupted, NonFiniteLoss, train
@@ -39,6 +40,7 @@ def main(argv) -> None:
     print(f"error: cannot load the config file {flags.FLAGS['config'].config_filename}: "
           f"{str(cause).splitlines()[-1].strip()}", file=sys.stderr)
     sys.exit(2)
+  runtime.configure()
   try:
     train(config, _WORKDIR.value)
   except InputError as e:

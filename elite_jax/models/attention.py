@@ -5,8 +5,8 @@ Every attention of the models (the UNet's self- and cross-attention, the CLIP to
 
 - ``"xla"``: ``jax.nn.dot_product_attention``'s XLA composite; every backend.
 - ``"cudnn"``: cuDNN's fused kernel (GPU, half precision; float32 inputs take ``"xla"``, which cuDNN does not take).
-- ``"cpu"``: heads-major matmuls over 64-query chunks, the fastest form on XLA:CPU (BENCHMARKS.md); a causal
-  attention (77 text tokens) takes ``"xla"``.
+- ``"cpu"``: matmuls over blocks of (batch x heads, queries) with about 4 MB of scores each, the fastest form found
+  on XLA:CPU (``_cpu_blocked``, BENCHMARKS.md); a causal attention (77 text tokens) takes ``"xla"``.
 - ``"pallas"``: the Pallas TPU flash-attention kernel JAX ships (``jax.experimental.pallas.ops.tpu``), which never
   materialises the (Lq, Lk) scores: what keeps 512 px training on TPUs from holding 4096 x 4096 maps. It takes
   sequence lengths that are multiples of 128 and head dims up to 128 (or multiples of 128); other shapes (the
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from elite_jax.errors import InputError
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu", "pallas")
-CPU_CHUNK = 64  # queries per block of the CPU kernel
+CPU_BLOCK_BYTES = 4 << 20  # the scores of one block of the CPU kernel (see _cpu_blocked)
 PALLAS_BLOCK = 128  # the TPU kernel's block (and lane) size
 
 
@@ -56,7 +56,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
     return out.astype(q.dtype)
   impl = resolve(implementation)
   if impl == "cpu" and not causal:
-    return _cpu_chunked(q, k, v)
+    return _cpu_blocked(q, k, v)
   if impl == "pallas" and _pallas_fits(q, k):
     return _pallas_flash(q, k, v, causal)
   if impl == "cudnn":
@@ -67,23 +67,51 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
 
 
-def _cpu_chunked(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = CPU_CHUNK) -> jax.Array:
-  """Heads-major matmuls over 64-query chunks: XLA:CPU runs jax.nn.dot_product_attention's composite slowly (2 x 4096
-  tokens, 8 heads of 40: 1050 ms as (B, N, H, D) einsums, 660 ms like this; the whole 4096 x 4096 map would also be
-  1 GB)."""
-  b, n, h, d = q.shape
-  qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, H, N, D)
-  scale = jnp.asarray(d ** -0.5, q.dtype)
+def _cpu_blocked(q: jax.Array, k: jax.Array, v: jax.Array, block_bytes: int = CPU_BLOCK_BYTES) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v over blocks of (heads, queries) whose scores take about ``block_bytes``.
 
-  def block(qc):
-    probs = jax.nn.softmax(jnp.matmul(qc, kt.swapaxes(-1, -2)) * scale, axis=-1)
-    return jnp.matmul(probs, vt)
-  if n <= 2 * chunk or n % chunk:
-    out = block(qt)
+  Why this form (bench/bench_attention.py, BENCHMARKS.md): XLA:CPU neither fuses the softmax into the matmuls nor
+  tiles them, so every block's (queries, keys) scores are written and read back. Blocks of a few MB stay in cache and
+  under glibc's 32 MB mmap threshold (larger blocks are mapped and unmapped at every call: page faults, system time,
+  a per-image cost that grows with the batch). Batch and heads are one axis so the block size does not depend on the
+  batch; the scale is folded into q (Lq x D multiplies instead of Lq x Lk) and the normalisation is applied after
+  P @ V (Lq x Dv divides instead of Lq x Lk)."""
+  b, n, h, d = q.shape
+  m, dv = k.shape[1], v.shape[-1]
+  bh = b * h
+  qt = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3).reshape(bh, n, d)
+  kt = k.transpose(0, 2, 3, 1).reshape(bh, d, m)
+  vt = v.transpose(0, 2, 1, 3).reshape(bh, m, dv)
+  row_bytes = m * max(jnp.dtype(q.dtype).itemsize, 4)  # one query's scores (softmax math is at least float32 wide)
+  rows = _divisor_at_most(n, max(1, block_bytes // row_bytes))  # queries per block
+  group = _divisor_at_most(bh, max(1, block_bytes // (row_bytes * rows))) if rows == n else 1  # heads per block
+
+  def block(qc, kc, vc):  # (g, c, d), (g, d, m), (g, m, dv)
+    s = jnp.matmul(qc, kc)
+    p = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+    return jnp.matmul(p, vc) / p.sum(-1, keepdims=True)
+
+  def heads(args):  # one group of heads, its queries in blocks of ``rows``
+    qg, kg, vg = args
+    if rows == n:
+      return block(qg, kg, vg)
+    chunks = qg.reshape(group, n // rows, rows, d).swapaxes(0, 1)
+    return jax.lax.map(lambda qc: block(qc, kg, vg), chunks).swapaxes(0, 1).reshape(group, n, dv)
+
+  if group == bh:
+    out = heads((qt, kt, vt))
   else:
-    out = jax.lax.map(block, qt.reshape(b, h, n // chunk, chunk, d).transpose(2, 0, 1, 3, 4))
-    out = out.transpose(1, 2, 0, 3, 4).reshape(b, h, n, v.shape[-1])
-  return out.transpose(0, 2, 1, 3)
+    split = lambda x: x.reshape(bh // group, group, *x.shape[1:])  # noqa: E731
+    out = jax.lax.map(heads, (split(qt), split(kt), split(vt))).reshape(bh, n, dv)
+  return out.reshape(b, h, n, dv).transpose(0, 2, 1, 3)
+
+
+def _divisor_at_most(n: int, k: int) -> int:
+  """The largest divisor of n that is at most k (blocks must tile the axis exactly)."""
+  for c in range(min(n, k), 0, -1):
+    if n % c == 0:
+      return c
+  return 1
 
 
 def _pallas_fits(q: jax.Array, k: jax.Array) -> bool:

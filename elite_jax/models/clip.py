@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from elite_jax.errors import InputError
 from elite_jax.models import attention as kernels
 from elite_jax.models import layers
+from elite_jax.models.scan import layer_stack
 from elite_jax.models.layers import EMBED, HEADS, MLP
 from elite_jax.types import Dtype, Params
 
@@ -128,10 +129,17 @@ class CLIPEncoder(nn.Module):
   eps: float
   dtype: Dtype = jnp.float32
   attention_impl: str = "auto"
+  scan: bool = False  # one nn.scan over the layers (elite_jax.models.scan); not for the causal text tower
 
   @nn.compact
   def __call__(self, x: jax.Array, causal: bool = False) -> tuple[jax.Array, ...]:
     """Returns (input, output of layer 1, ..., output of layer n), as transformers' hidden_states."""
+    if self.scan:
+      if causal:
+        raise ValueError("scanned CLIP layers are for the (non-causal) vision tower")
+      kw = dict(hidden=self.hidden, intermediate=self.intermediate, heads=self.heads, act=self.act, eps=self.eps,
+                dtype=self.dtype, attention_impl=self.attention_impl)
+      return layer_stack(CLIPEncoderLayer, kw, self.num_layers, x, scan=True, name="layers")
     states = [x]
     for i in range(self.num_layers):
       x = CLIPEncoderLayer(self.hidden, self.intermediate, self.heads, self.act, self.eps, self.dtype,
@@ -225,10 +233,12 @@ class CLIPVisionTransformer(nn.Module):
 
   hidden_states[0] is the pre-layer-normed embedding and hidden_states[k] the output of layer k; the last one is
   transformers' last_hidden_state (no post layer norm). pooled = post_layernorm(last[:, 0]).
+  ``scan_layers``: the encoder layers as one nn.scan (parameters ``encoder/layers`` stacked, see models/scan.py).
   """
   config: CLIPVisionConfig
   dtype: Dtype = jnp.float32
   attention_impl: str = "auto"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, pixels: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
@@ -236,7 +246,8 @@ class CLIPVisionTransformer(nn.Module):
     x = CLIPVisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels)
     x = layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="pre_layrnorm")(x)
     states = CLIPEncoder(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers,
-                         cfg.hidden_act, cfg.layer_norm_eps, self.dtype, self.attention_impl, name="encoder")(x)
+                         cfg.hidden_act, cfg.layer_norm_eps, self.dtype, self.attention_impl, self.scan_layers,
+                         name="encoder")(x)
     pooled = layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(states[-1][:, 0])
     return states, pooled
 

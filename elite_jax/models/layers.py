@@ -87,7 +87,13 @@ def gelu(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=False)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu, "silu": nn.silu, "swish": nn.silu}
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  # transformers' "gelu_pytorch_tanh" (SigLIP): F.gelu(approximate="tanh").
+  return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu, "gelu_pytorch_tanh": gelu_tanh, "silu": nn.silu,
+               "swish": nn.silu}
 
 
 def activation(name: str):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from elite_jax.models import layers
+from elite_jax.models.encoders import EncoderRecord
 from elite_jax.models.layers import EMBED, MLP
 from elite_jax.types import Dtype, Params
 
@@ -27,10 +28,24 @@ class MapperConfig:
   output_dim: int = 768  # text token-embedding width
   depth: int = 2  # hidden (Linear, LayerNorm, LeakyReLU) layers per MLP
   tapped_layers: tuple[int, ...] = (24, 4, 8, 12, 16)  # CLIP hidden_states index per word; word 0 is primary
+  # The image encoder it reads (family, width, depth, input size, patch); None: not recorded (the official files,
+  # older exports), read as CLIP ViT-L/14's layout at input_dim (``encoder_record``).
+  encoder: EncoderRecord | None = None
 
   @property
   def num_words(self) -> int:
     return len(self.tapped_layers)
+
+  @property
+  def encoder_record(self) -> EncoderRecord:
+    return self.encoder or EncoderRecord.legacy(self.input_dim)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "MapperConfig":
+    """From ``dataclasses.asdict`` of one (JSON: lists for tuples, the record as a dict or absent)."""
+    enc = d.get("encoder")
+    return cls(**{**d, "tapped_layers": tuple(d["tapped_layers"]),
+                  "encoder": EncoderRecord(**enc) if isinstance(enc, dict) else None})
 
 
 def select_features(hidden_states: Sequence[jax.Array], tapped_layers: Sequence[int]) -> list[jax.Array]:

@@ -23,12 +23,19 @@ def defaults() -> ml_collections.ConfigDict:
   c.stage = 1
   # Models: a diffusers SD folder or hub id ("random-tiny": RANDOM in-memory tiny models, for tests/first runs).
   c.pretrained = "CompVis/stable-diffusion-v1-4"
+  # The image encoder the mappers read: a transformers CLIPVisionModel / CLIPModel (any size: OpenAI L/14, OpenCLIP
+  # H/14 and bigG/14 in that layout), Dinov2Model / Dinov2WithRegistersModel or SiglipVisionModel / SiglipModel
+  # folder or hub id; "random-tiny-{clip,dinov2,siglip}" with pretrained "random-tiny" (RANDOM weights).
   c.image_encoder = "openai/clip-vit-large-patch14"
+  c.scan_image_encoder = False  # its layers as one nn.scan (compiles in seconds at any depth; same numbers)
   c.global_mapper = ""  # stage 2: the stage-1 mapper (.safetensors export or official .pt)
   # Warm starts (the official --global_mapper_path / --local_mapper_path): the trained mapper's MLPs and K/V start
   # from this file (official .pt or our .safetensors) instead of PyTorch's init and SD's K/V.
   c.init_global_mapper = ""  # stage 1
   c.init_local_mapper = ""  # stage 2
+  # tapped_layers: the encoder hidden state each word reads (word 0 first). () takes the encoder's default, ELITE's
+  # spacing at its depth (encoders.default_taps: the last layer, then 1/6..4/6 of the way up): CLIP L/14 (24, 4, 8,
+  # 12, 16), OpenCLIP H/14 (32, 5, 11, 16, 21), bigG/14 (48, 8, 16, 24, 32), DINOv2-B and SigLIP-B (12, 2, 4, 6, 8).
   c.mapper = ml_collections.ConfigDict(dict(hidden_dim=1024, depth=2, tapped_layers=(24, 4, 8, 12, 16)))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -88,6 +95,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.export_every = 0  # also export the mapper to WORKDIR/mappers/ every this many steps (0: only at the end)
   c.export_official = False  # those exports in the official .pt layout too
 
+  # A held-out validation loss (elite_jax/train/validation.py): every N steps, the objective on fixed batches
+  # (from manual_dir, same builder as the training data; "": fixed batches of the training data) with fixed noise
+  # and timesteps -> val_loss / val_loss_mle in metrics.jsonl and TensorBoard.
+  c.validation = ml_collections.ConfigDict(dict(every=0, batches=2, manual_dir="", data_dir="", seed=1234))
+
   # Sample images during training (the official code samples every 200 steps): a fixed photo, prompts and initial
   # latents -> WORKDIR/samples/step_N.png and TensorBoard.
   c.samples = ml_collections.ConfigDict(dict(
@@ -131,8 +143,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(c.num_train_steps >= 1, "num_train_steps", "must be >= 1")
   need(c.mapper.hidden_dim >= 1, "mapper.hidden_dim", "must be >= 1")
   need(c.mapper.depth >= 0, "mapper.depth", "must be >= 0")
-  need(len(c.mapper.tapped_layers) >= 1 and min(c.mapper.tapped_layers) >= 0, "mapper.tapped_layers",
-       "must list at least one image-encoder layer index >= 0 (the first is word w0's)")
+  need(not c.mapper.tapped_layers or min(c.mapper.tapped_layers) >= 0, "mapper.tapped_layers",
+       "must list image-encoder layer indices >= 0 (the first is word w0's), or be () for the encoder's default")
   need(c.data.builder in ("openimages", "folder"), "data.builder", "must be 'openimages' or 'folder'")
   need(c.data.resolution >= 64 and c.data.resolution % 64 == 0, "data.resolution", "must be a multiple of 64")
   need(c.data.placeholder_index in ("whitespace", "token"), "data.placeholder_index", "'whitespace' or 'token'")
@@ -147,6 +159,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
        "distributed.peer_timeout", "must be > 0 and below distributed.heartbeat_timeout (so that it acts first)")
   need(c.export_every >= 0, "export_every", "must be >= 0")
   need(c.samples.every >= 0, "samples.every", "must be >= 0")
+  need(c.validation.every >= 0, "validation.every", "must be >= 0 (0: never)")
+  need(c.validation.batches >= 1, "validation.batches", "must be >= 1")
   need(not c.samples.every or bool(c.samples.image), "samples.image", "samples.every needs a concept photo")
   need(not c.samples.every or len(c.samples.prompts) >= 1, "samples.prompts", "samples.every needs prompts")
   need(not c.init_local_mapper or c.stage == 2, "init_local_mapper", "is a stage-2 setting")

@@ -34,6 +34,7 @@ from elite_jax.files import atomic_path
 from elite_jax.train import checkpoint, config as config_lib, hosts
 from elite_jax.train.program import TrainProgram, TrainState, build
 from elite_jax.train.samples import SampleGrid
+from elite_jax.train.validation import make_validator
 from elite_jax.weights.mapper_files import save_mapper
 
 
@@ -129,9 +130,9 @@ def train(cfg, workdir: str | os.PathLike) -> dict:
   checkpoint.CheckpointWriteError and InputError, each with a one-line message (see the exit codes above)."""
   config_lib.validate(cfg)
   hosts.check_single(cfg)
+  if cfg.multihost:  # first: JAX's runtime installs its own SIGTERM handler (a preemption notifier), which would
+    hosts.initialize(heartbeat_timeout=int(cfg.distributed.heartbeat_timeout))  # take the place of ours
   with StopSignals() as signals:
-    if cfg.multihost:
-      hosts.initialize(heartbeat_timeout=int(cfg.distributed.heartbeat_timeout))
     with hosts.Watchdog(cfg.distributed.peer_timeout):
       return _train(cfg, Path(workdir), signals)
 
@@ -143,7 +144,10 @@ def _train(cfg, workdir: Path, signals: StopSignals) -> dict:
     raise InputError(f"config.batch_size={cfg.batch_size} (/ grad_accum {cfg.grad_accum}) does not split over "
                      f"{jax.process_count()} hosts")
   program = build(cfg, mesh)
-  step_fn = _compiled_step(program)
+  step_fn, stats = _compiled_step(program)
+  if jax.process_index() == 0:  # what a sweep tabulates: the step's cost and the trained parameter count
+    counts = [int(np.prod(x.shape)) for x in jax.tree.leaves(program.abstract_state().params)]
+    (workdir / "step_stats.json").write_text(json.dumps({**stats, "trainable_params": sum(counts)}))
   samples = SampleGrid(program, workdir) if cfg.samples.every else None
 
   ckpt = checkpoint.Checkpointer(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
@@ -156,6 +160,7 @@ def _train(cfg, workdir: Path, signals: StopSignals) -> dict:
     start, state, data_state = restored
     _note(f"resumed from step {start} in {workdir}")
   loader = _make_loader(cfg, program, workdir, data_state)
+  validate = make_validator(program, workdir)  # None unless config.validation.every
 
   log = MetricsLog(workdir, start)
   pending: list[tuple[int, jax.Array]] = []  # losses not yet checked for finiteness
@@ -184,13 +189,18 @@ def _train(cfg, workdir: Path, signals: StopSignals) -> dict:
         pending.append((done, metrics["loss"]))
         bar.update(1)
         stop = hosts.any_host(signals.requested is not None)  # every host saves the same step
-        if done % cfg.log_every == 0 or done == cfg.num_train_steps:
+        held_out = {}
+        if validate is not None:
+          t_val = time.perf_counter()
+          held_out = validate(done, state)
+          t0 += time.perf_counter() - t_val  # samples/s counts training steps only
+        if done % cfg.log_every == 0 or done == cfg.num_train_steps or held_out:
           check_finite()
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
           elapsed = time.perf_counter() - t0
           last = {"step": done, **m, "learning_rate": float(program.schedule(step)),
                   "samples_per_sec": (done - n0) * cfg.batch_size / max(elapsed, 1e-9),
-                  "skipped_records": hosts.total(loader.skipped)}
+                  "skipped_records": hosts.total(loader.skipped), **held_out}
           log.write(last)
           bar.set_postfix(loss=f"{m['loss']:.4f}")
           t0, n0 = time.perf_counter(), done
@@ -238,7 +248,7 @@ def _compiled_step(program: TrainProgram):
       raise InputError(f"the train step needs {need / 2 ** 30:.2f} GiB per device but {limit / 2 ** 30:.2f} GiB are "
                        f"available: lower config.batch_size or raise config.grad_accum, set config.remat=True, "
                        f"config.frozen_dtype='bfloat16' or config.shard_frozen=True, or use more devices")
-  return compiled
+  return compiled, stats
 
 
 def _device_memory() -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from elite_jax import concept
+from elite_jax import concept, image_processors
 from elite_jax.concept import MapperBundle
 from elite_jax.models.elite_attention import LocalInputs
 from elite_jax.models.vae import AutoencoderKL, sample_latents
@@ -57,11 +57,16 @@ def stage2_objective(pred: jax.Array, target: jax.Array, mask: jax.Array, value_
   return mle + reg_weight * reg, {"loss_mle": mle, "loss_reg": reg}
 
 
+def _pixels(sd: StableDiffusion, pixels: jax.Array) -> jax.Array:
+  # The augmentation's CLIP-normalised 224 px crops, as the image encoder takes them (identity for CLIP L/14).
+  return image_processors.training_pixels(sd.image_encoder, sd.image_processor, pixels)
+
+
 def stage1_loss(trainable: MapperBundle, frozen: Params, batch: dict, rng: jax.Array, *, sd: StableDiffusion,
                 reg_weight: float, **_) -> tuple[jax.Array, dict]:
   dtype = sd.dtype
   trainable = cast_floating(trainable, dtype)
-  feats = concept.image_features(sd.image_encoder, frozen["image_encoder"], batch["pixel_values_clip"],
+  feats = concept.image_features(sd.image_encoder, frozen["image_encoder"], _pixels(sd, batch["pixel_values_clip"]),
                                  trainable.config.tapped_layers)
   words = concept.global_words(trainable, feats, dtype)  # (B, K, C)
   context = sd.text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"], words, batch["index"])[0]
@@ -75,14 +80,15 @@ def stage2_loss(trainable: MapperBundle, frozen: Params, batch: dict, rng: jax.A
   dtype = sd.dtype
   trainable = cast_floating(trainable, dtype)
   g = frozen["global_mapper"]
-  feats = concept.image_features(sd.image_encoder, frozen["image_encoder"], batch["pixel_values_clip"],
+  feats = concept.image_features(sd.image_encoder, frozen["image_encoder"], _pixels(sd, batch["pixel_values_clip"]),
                                  g.config.tapped_layers)
   w0 = concept.global_words(g, feats, dtype)[:, :1]
   context = sd.text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"], jax.lax.stop_gradient(w0),
                                   batch["index"])[0]
-  obj = concept.image_features(sd.image_encoder, frozen["image_encoder"], batch["pixel_values_obj"],
+  obj = concept.image_features(sd.image_encoder, frozen["image_encoder"], _pixels(sd, batch["pixel_values_obj"]),
                                trainable.config.tapped_layers)
-  local = concept.local_tokens(trainable, obj, batch["token_mask"], dtype)
+  token_mask = image_processors.training_token_mask(sd.image_encoder, batch["token_mask"])
+  local = concept.local_tokens(trainable, obj, token_mask, dtype)
   b = local.shape[0]
   zt, target, t = noisy_latents(sd, frozen, batch["pixel_values"], rng)
   unet_params = concept.merge_kv(frozen["unet"], g.kv, trainable.kv)

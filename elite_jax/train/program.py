@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from elite_jax import concept, data, sharding, tiny
 from elite_jax.concept import MapperBundle
 from elite_jax.errors import InputError
+from elite_jax.models import encoders
 from elite_jax.models.mappers import MapperConfig
 from elite_jax.stable_diffusion import StableDiffusion
 from elite_jax.train import losses
@@ -35,6 +36,7 @@ from elite_jax.types import Params, cast_floating
 from elite_jax.weights.mapper_files import load_mapper
 
 KIND = {1: "global", 2: "local"}  # the mapper each stage trains
+TINY_ENCODER = "random-tiny-"  # config.image_encoder "random-tiny-{clip,dinov2,siglip}": tiny.image_encoder
 
 
 @flax.struct.dataclass
@@ -65,15 +67,28 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
 
 def load_models(cfg) -> tuple[StableDiffusion, MapperConfig, MapperBundle | None]:
   """(the frozen models, numpy float32 parameters; the trained mapper's config; stage 2's frozen stage-1 mapper)."""
+  tiny_encoder = str(cfg.image_encoder).startswith(TINY_ENCODER)
   if cfg.pretrained == "random-tiny":
     sd = tiny.stable_diffusion(seed=cfg.seed)  # RANDOM WEIGHTS: for first runs and tests without any download
+  elif tiny_encoder:
+    raise InputError(f"config.image_encoder={cfg.image_encoder!r} (random weights) goes with "
+                     f"config.pretrained='random-tiny'")
   else:
     sd = StableDiffusion.load(cfg.pretrained, cfg.image_encoder)
+  if tiny_encoder:  # RANDOM WEIGHTS: "random-tiny-dinov2" etc., tiny encoders of each family (sweeps, tests)
+    module, params, processor = tiny.image_encoder(cfg.image_encoder[len(TINY_ENCODER):], seed=cfg.seed)
+    sd = sd.replace(image_encoder=module, image_processor=processor,
+                    params=dict(sd.params, image_encoder=params))
+  if cfg.get("scan_image_encoder", False):
+    module, params = encoders.with_scanned_layers(sd.image_encoder, sd.params["image_encoder"], True)
+    sd = sd.replace(image_encoder=module, params=dict(sd.params, image_encoder=params))
   sd = sd.configure(dtype=cfg.compute_dtype, attention_impl=cfg.attention_impl, remat=cfg.remat)
   sd.check()
   vision = sd.image_encoder.config
+  taps = tuple(int(x) for x in cfg.mapper.tapped_layers) or encoders.default_taps(vision.num_hidden_layers)
   mapper = MapperConfig(input_dim=vision.hidden_size, hidden_dim=int(cfg.mapper.hidden_dim), output_dim=sd.text_dim,
-                        depth=int(cfg.mapper.depth), tapped_layers=tuple(int(x) for x in cfg.mapper.tapped_layers))
+                        depth=int(cfg.mapper.depth), tapped_layers=taps,
+                        encoder=encoders.EncoderRecord.of(sd.image_encoder))
   if max(mapper.tapped_layers) > vision.num_hidden_layers:
     raise InputError(f"config.mapper.tapped_layers {mapper.tapped_layers} reach past the image encoder's "
                      f"{vision.num_hidden_layers} layers")
@@ -93,10 +108,11 @@ def load_warm_start(cfg, sd: StableDiffusion, mapper: MapperConfig) -> MapperBun
   if not path:
     return None
   bundle = load_mapper(path, sd.unet.config, KIND[cfg.stage])
-  if bundle.config != mapper:
-    diffs = [f"{f} {getattr(bundle.config, f)!r} (file) vs {getattr(mapper, f)!r} (config)"
-             for f in ("input_dim", "hidden_dim", "output_dim", "depth", "tapped_layers")
-             if getattr(bundle.config, f) != getattr(mapper, f)]
+  got = dataclasses.replace(bundle.config, encoder=bundle.config.encoder_record)  # unrecorded: CLIP L/14's layout
+  if got != mapper:
+    diffs = [f"{f} {getattr(got, f)!r} (file) vs {getattr(mapper, f)!r} (config)"
+             for f in ("input_dim", "hidden_dim", "output_dim", "depth", "tapped_layers", "encoder")
+             if getattr(got, f) != getattr(mapper, f)]
     raise InputError(f"config.{key} {path} does not fit config.mapper: " + "; ".join(diffs))
   return bundle
 
@@ -117,6 +133,7 @@ class TrainProgram:
   step: Callable  # jit(state, frozen, batch) -> (state, metrics); batch leaves are (grad_accum, micro_batch, ...)
   kv_init: Params  # numpy float32: the K/V copies' starting point (SD's attn2 K/V, or a warm start's)
   mlp_init: Params | None  # numpy float32 MLPs of a warm start; None: PyTorch's init
+  loss_fn: Callable | None = None  # (trainable, frozen, micro_batch, key) -> (loss, aux): what the step differentiates
 
   @property
   def kind(self) -> str:
@@ -217,7 +234,7 @@ def build(cfg, mesh: Mesh) -> TrainProgram:
   return TrainProgram(config=cfg, mesh=mesh, sd=sd, mapper=mapper, frozen=frozen, frozen_shardings=frozen_sh,
                       optimizer=optimizer, schedule=lr_schedule(cfg), state_shardings=state_sh,
                       batch_shardings=batch_sh, step=step, kv_init=kv_init,
-                      mlp_init=None if warm is None else warm.mlp)
+                      mlp_init=None if warm is None else warm.mlp, loss_fn=loss_fn)
 
 
 def _state_shardings(abstract: MapperBundle, optimizer, mesh: Mesh) -> TrainState:

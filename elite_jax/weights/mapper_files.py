@@ -110,8 +110,10 @@ def official_state(bundle: MapperBundle, unet_config: UNetConfig) -> dict[str, n
 
 def _config_from_state(state: Mapping[str, np.ndarray], meta: dict[str, str], what: str) -> MapperConfig:
   if "mapper_config" in meta:
-    cfg = json.loads(meta["mapper_config"])
-    return MapperConfig(**{**cfg, "tapped_layers": tuple(cfg["tapped_layers"])})
+    try:
+      return MapperConfig.from_dict(json.loads(meta["mapper_config"]))
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+      raise InputError(f"{what}: unreadable mapper_config metadata ({type(e).__name__}: {e})") from None
   words = sorted({int(k.split(".")[0].rsplit("_", 1)[1]) for k in state if k.startswith("mapping_") and "." in k})
   linears = sorted({int(k.split(".")[1]) for k in state if k.startswith("mapping_0.") and k.endswith(".weight")
                     and state[k].ndim == 2})

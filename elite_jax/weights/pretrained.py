@@ -159,12 +159,45 @@ def load_text_encoder(folder: Path, **module_kw) -> tuple[CLIPTextTransformer, P
   return module, _checked(module, params, f"text encoder weights in {folder}")
 
 
-def load_image_encoder(folder: Path, **module_kw) -> tuple[CLIPVisionTransformer, Params]:
-  """A CLIPVisionModel or CLIPModel checkpoint (openai/clip-vit-large-patch14 layout); the vision transformer."""
-  cfg, state = _clip_state(folder, "vision_model")
-  module = CLIPVisionTransformer(vision_config_from_transformers(cfg), **module_kw)
-  params = convert.torch_to_flax(state, skip=lambda k: k.endswith("position_ids"))
-  return module, _checked(module, params, f"image encoder weights in {folder}")
+def load_image_encoder(folder: Path, *, scan_layers: bool = False, **module_kw):
+  """Any mapper image encoder from a transformers checkpoint, by its config's model_type: a CLIPVisionModel or
+  CLIPModel (openai/clip-vit-large-patch14 layout; OpenCLIP H/14 and bigG/14 converted to it), a Dinov2Model /
+  Dinov2WithRegistersModel, or a SiglipVisionModel / SiglipModel. ``scan_layers``: the layers as one nn.scan
+  (their parameters stacked, models/scan.py). Returns (module, params)."""
+  return load_image_encoder_and_processor(folder, scan_layers=scan_layers, **module_kw)[:2]
+
+
+def load_image_encoder_and_processor(folder: Path, *, scan_layers: bool = False, **module_kw):
+  """``load_image_encoder`` and the encoder's ImageProcessorConfig (preprocessor_config.json, else the family's
+  transformers defaults)."""
+  from elite_jax import image_processors  # noqa: PLC0415 (image_processors imports the models, not the loaders)
+  from elite_jax.models import encoders, scan  # noqa: PLC0415
+  cfg = read_json(folder / "config.json")
+  model_type = cfg.get("model_type", "")
+  if model_type in ("dinov2", "dinov2_with_registers"):
+    processor = image_processors.read_config(folder, "dinov2", int(cfg.get("image_size", 518)))
+    config = encoders.Dinov2Config.from_transformers(cfg, input_size=processor.output_size[0])
+    module = encoders.Dinov2Model(config, scan_layers=scan_layers, **module_kw)
+    state = read_weights(folder)
+    if any(k.startswith("dinov2.") for k in state):
+      state = {k[len("dinov2."):]: v for k, v in state.items() if k.startswith("dinov2.")}
+    params = convert.torch_to_flax(state, skip=lambda k: k.startswith(("embeddings.mask_token", "classifier.")))
+  elif model_type in ("siglip_vision_model", "siglip"):
+    config = encoders.SiglipVisionConfig.from_transformers(cfg)
+    processor = image_processors.read_config(folder, "siglip", config.image_size)
+    module = encoders.SiglipVisionModel(config, scan_layers=scan_layers, **module_kw)
+    state = read_weights(folder)
+    if any(k.startswith("vision_model.") for k in state):
+      state = {k[len("vision_model."):]: v for k, v in state.items() if k.startswith("vision_model.")}
+    params = convert.torch_to_flax(state, skip=lambda k: k.endswith("position_ids") or k.startswith("head."))
+  else:
+    cfg, state = _clip_state(folder, "vision_model")
+    module = CLIPVisionTransformer(vision_config_from_transformers(cfg), scan_layers=scan_layers, **module_kw)
+    processor = image_processors.read_config(folder, "clip", module.config.image_size)
+    params = convert.torch_to_flax(state, skip=lambda k: k.endswith("position_ids"))
+  if scan_layers:
+    params = scan.scan_tree(params, encoders.layers_path(module), module.config.num_hidden_layers)
+  return module, _checked(module, params, f"image encoder weights in {folder}"), processor
 
 
 def load_image_encoder_with_projection(folder: Path, **module_kw) -> tuple[CLIPVisionWithProjection, Params]:
