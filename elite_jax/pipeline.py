@@ -8,8 +8,8 @@
 What it computes is the official inference (spec 6): the concept's words are injected at the placeholder of each
 prompt, the UNet's cross-attention uses the global mapper's K/V copies (unconditional branch too) and, with a local
 mapper, adds lambda * M * local attention; classifier-free guidance, the scheduler step and the VAE decode are
-jit-compiled (the loop over steps runs in Python between compiled steps). The two CFG branches are batched; the local branch's max is taken per conditional sample,
-which is what the official code (one image per call) computes.
+jit-compiled (the loop over steps runs in Python between compiled steps). The two CFG branches are batched; the
+local branch's max is taken per conditional sample, which is what the official code (one image per call) computes.
 """
 
 from __future__ import annotations

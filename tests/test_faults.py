@@ -250,11 +250,11 @@ def test_random_kills_end_as_a_straight_run(straight, tmp_path):
   exports (every 3 steps); after each, the same command again. The last run ends with the straight run's metrics and
   mapper, and one more rerun changes nothing."""
   rng = random.Random(20261201)
-  signals = [signal.SIGKILL, signal.SIGTERM, signal.SIGINT] * 2  # every kind, in a seeded order
+  signals = [signal.SIGKILL, signal.SIGTERM, signal.SIGINT]  # every kind, in a seeded order
   rng.shuffle(signals)
   workdir = tmp_path / "run"
   kills = []
-  for sig in signals[:5]:
+  for sig in signals:
     done = logged(workdir)
     proc = start(workdir)
     deadline = time.time() + 600
@@ -269,7 +269,7 @@ def test_random_kills_end_as_a_straight_run(straight, tmp_path):
     assert proc.returncode in {signal.SIGKILL: (-9, 0), signal.SIGTERM: (0,), signal.SIGINT: (130, 0)}[sig], \
         (kills, output(proc)[-2000:])
   print("kills (signal, logged steps, exit code):", kills)
-  assert len(kills) >= 3
+  assert len(kills) == 3
   proc = start(workdir)
   assert proc.wait(timeout=600) == 0, output(proc)[-2000:]
   same_run(workdir, straight)

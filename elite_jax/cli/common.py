@@ -48,7 +48,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                  help="attention kernel: auto (by backend), xla, cudnn (GPU, half precision), cpu, pallas (TPU)")
   p.add_argument("--random-weights", action="store_true",
                  help="RANDOM WEIGHTS, output is noise: tiny in-memory models to check an install offline in seconds "
-                      "(64 px and 4 steps unless given; mapper files given with it, e.g. from configs/tiny_stage*.py runs, replace its random mappers)")
+                      "(64 px and 4 steps unless given; mapper files given with it, e.g. from configs/tiny_stage*.py "
+                      "runs, replace its random mappers)")
 
 
 @dataclasses.dataclass(frozen=True)
