@@ -4,7 +4,8 @@
   python bench/bench_attention.py --reps 3 --block-bytes 1048576 4194304 16777216
 
 Each row times softmax(q k^T / sqrt(d)) v on the same float32 inputs, in one process: "xla" is
-jax.nn.dot_product_attention's composite, "cpu" the blocked kernel (models/attention.py, by its block size), "torch"
+jax.nn.dot_product_attention's composite, "cpu" the blocked kernel (models/attention.py; "cpu_NMB" with one block
+size for heads and queries alike), "torch"
 PyTorch's fused CPU kernel. ms per call is the median after warm-up; "per image" divides by the batch, so a kernel
 whose per-image cost grows with the batch shows it.
 """
@@ -33,7 +34,8 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, nargs="+", default=[2, 4, 8])
   ap.add_argument("--reps", type=int, default=3)
-  ap.add_argument("--block-bytes", type=int, nargs="+", default=[attention.CPU_BLOCK_BYTES])
+  ap.add_argument("--block-bytes", type=int, nargs="+", default=[],
+                  help="also time the kernel with blocks of this size (for heads and queries alike)")
   ap.add_argument("--xla", action="store_true", help="also time jax.nn.dot_product_attention (slow at 4096 tokens)")
   args = ap.parse_args()
   torch.set_num_threads(os.cpu_count())
@@ -43,8 +45,10 @@ def main() -> None:
       q, k, v = (rng.standard_normal((b, n, h, d)).astype(np.float32) for _ in range(3))
       row = {"shape": [b, n, h, d]}
       jq, jk, jv = (jax.device_put(x) for x in (q, k, v))
-      kernels = {f"cpu_{bb >> 20}MB": (lambda bb: jax.jit(lambda q, k, v: attention._cpu_blocked(q, k, v, bb)))(bb)
-                 for bb in args.block_bytes}
+      kernels = {"cpu": jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="cpu"))}
+      kernels.update({f"cpu_{bb >> 20}MB": (lambda bb: jax.jit(lambda q, k, v: attention._cpu_blocked(q, k, v, bb,
+                                                                                                         bb)))(bb)
+                      for bb in args.block_bytes})
       if args.xla:
         kernels["xla"] = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v))
       for name, fn in kernels.items():

@@ -3,14 +3,14 @@
 What is set, and why (figures in BENCHMARKS.md, "CPU speed"):
 
 - A persistent XLA compilation cache, so that a second identical run does not compile again (``elite-infer
-  --random-weights``: 24.6 s of CPU time the first run, 11.5 s the second, most of it imports). The sampling loop is
-  stepped from Python for this (pipeline.py): a compiled loop with a progress callback inside is never cached. The
-  folder is ``$ELITE_JAX_CACHE`` if set, else ``$XDG_CACHE_HOME/elite_jax/xla`` (``~/.cache/elite_jax/xla``);
-  ``ELITE_JAX_NO_CACHE=1`` turns it off. A cache the user already configured (``JAX_COMPILATION_CACHE_DIR`` or
-  ``jax.config``) is left as it is.
+  --random-weights``: 22.1 s of CPU time the first run, 9.8 s the second, which is imports and model building). The
+  sampling loop is stepped from Python for this (pipeline.py): a compiled loop with a progress callback inside is
+  never cached. The folder is ``$ELITE_JAX_CACHE`` if set, else ``$XDG_CACHE_HOME/elite_jax/xla``
+  (``~/.cache/elite_jax/xla``); ``ELITE_JAX_NO_CACHE=1`` turns it off. A cache the user already configured
+  (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is left as it is.
 
-Nothing else: the XLA:CPU flags tried (vector width, oneDNN and Eigen instead of YNNPACK) did not make the measured
-steps faster, so ``XLA_FLAGS`` stays the user's own.
+Nothing else: of the XLA:CPU flags tried, a 512-bit vector width gave nothing and Eigen in place of YNNPACK sped up
+one step and slowed another (BENCHMARKS.md, "What was tried"), so ``XLA_FLAGS`` stays the user's own.
 """
 
 from __future__ import annotations

@@ -88,10 +88,11 @@ def test_gradients_match(impl):
 def test_cpu_blocks_tile_exactly(block_bytes, kv_len):
   q, k, v = _inputs((2, 256, 2, 40), kv_len, jnp.float32, seed=3)
   weights = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape), jnp.float32)
-  got = jax.jit(lambda q, k, v: attention._cpu_blocked(q, k, v, block_bytes))(q, k, v)
+  got = jax.jit(lambda q, k, v: attention._cpu_blocked(q, k, v, block_bytes, block_bytes))(q, k, v)
   assert _rel(got, plain(q, k, v, False)) < 2e-6
   loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * weights)  # noqa: E731
-  got = jax.grad(loss(lambda q, k, v: attention._cpu_blocked(q, k, v, block_bytes)), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(loss(lambda q, k, v: attention._cpu_blocked(q, k, v, block_bytes, block_bytes)),
+                 argnums=(0, 1, 2))(q, k, v)
   want = jax.grad(loss(lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="xla")),
                   argnums=(0, 1, 2))(q, k, v)
   for g, w in zip(got, want):

@@ -5,7 +5,7 @@ Every attention of the models (the UNet's self- and cross-attention, the CLIP to
 
 - ``"xla"``: ``jax.nn.dot_product_attention``'s XLA composite; every backend.
 - ``"cudnn"``: cuDNN's fused kernel (GPU, half precision; float32 inputs take ``"xla"``, which cuDNN does not take).
-- ``"cpu"``: matmuls over blocks of (batch x heads, queries) with about 4 MB of scores each, the fastest form found
+- ``"cpu"``: matmuls over blocks of (batch x heads, queries) with 4-16 MB of scores each, the fastest form found
   on XLA:CPU (``_cpu_blocked``, BENCHMARKS.md); a causal attention (77 text tokens) takes ``"xla"``.
 - ``"pallas"``: the Pallas TPU flash-attention kernel JAX ships (``jax.experimental.pallas.ops.tpu``), which never
   materialises the (Lq, Lk) scores: what keeps 512 px training on TPUs from holding 4096 x 4096 maps. It takes
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from elite_jax.errors import InputError
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu", "pallas")
-CPU_BLOCK_BYTES = 4 << 20  # the scores of one block of the CPU kernel (see _cpu_blocked)
+CPU_BLOCK_BYTES = 16 << 20  # the scores of one block of one head's queries in the CPU kernel (see _cpu_blocked)
+CPU_GROUP_BYTES = 4 << 20  # ... and of a block that groups several heads
 PALLAS_BLOCK = 128  # the TPU kernel's block (and lane) size
 
 
@@ -67,15 +68,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
 
 
-def _cpu_blocked(q: jax.Array, k: jax.Array, v: jax.Array, block_bytes: int = CPU_BLOCK_BYTES) -> jax.Array:
-  """softmax(q k^T / sqrt(d)) v over blocks of (heads, queries) whose scores take about ``block_bytes``.
+def _cpu_blocked(q: jax.Array, k: jax.Array, v: jax.Array, block_bytes: int = CPU_BLOCK_BYTES,
+                 group_bytes: int | None = CPU_GROUP_BYTES) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v over blocks of queries of one head whose scores take about ``block_bytes`` or, when
+  one head's scores take less, of several heads up to ``group_bytes`` (None: ``block_bytes``).
 
   Why this form (bench/bench_attention.py, BENCHMARKS.md): XLA:CPU neither fuses the softmax into the matmuls nor
-  tiles them, so every block's (queries, keys) scores are written and read back. Blocks of a few MB stay in cache and
-  under glibc's 32 MB mmap threshold (larger blocks are mapped and unmapped at every call: page faults, system time,
-  a per-image cost that grows with the batch). Batch and heads are one axis so the block size does not depend on the
-  batch; the scale is folded into q (Lq x D multiplies instead of Lq x Lk) and the normalisation is applied after
-  P @ V (Lq x Dv divides instead of Lq x Lk)."""
+  tiles them, so every block's (queries, keys) scores are written and read back. Blocks of 16 MB stay under glibc's
+  32 MB mmap threshold (larger blocks are mapped and unmapped at every call: page faults, system time, a per-image
+  cost that grows with the batch); 16 MB of one head's queries beat 1 and 4 MB at 4096 tokens, but blocks that
+  group heads ran up to 5x slower at 16 MB than at 4 MB (SD's 8-wide heads at 1024 tokens). Batch and heads
+  are one axis so the block size does not depend on the batch; the scale is folded into q (Lq x D multiplies
+  instead of Lq x Lk) and the normalisation is applied after P @ V (Lq x Dv divides instead of Lq x Lk)."""
   b, n, h, d = q.shape
   m, dv = k.shape[1], v.shape[-1]
   bh = b * h
@@ -84,7 +88,8 @@ def _cpu_blocked(q: jax.Array, k: jax.Array, v: jax.Array, block_bytes: int = CP
   vt = v.transpose(0, 2, 1, 3).reshape(bh, m, dv)
   row_bytes = m * max(jnp.dtype(q.dtype).itemsize, 4)  # one query's scores (softmax math is at least float32 wide)
   rows = _divisor_at_most(n, max(1, block_bytes // row_bytes))  # queries per block
-  group = _divisor_at_most(bh, max(1, block_bytes // (row_bytes * rows))) if rows == n else 1  # heads per block
+  group_bytes = block_bytes if group_bytes is None else group_bytes
+  group = _divisor_at_most(bh, max(1, group_bytes // (row_bytes * rows))) if rows == n else 1  # heads per block
 
   def block(qc, kc, vc):  # (g, c, d), (g, d, m), (g, m, dv)
     s = jnp.matmul(qc, kc)
