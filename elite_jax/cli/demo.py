@@ -17,6 +17,7 @@ from typing import Sequence
 from elite_jax.cli import common
 from elite_jax.errors import InputError
 
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="elite-demo", description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
