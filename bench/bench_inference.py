@@ -178,7 +178,8 @@ def main() -> None:
   hidden = 1024 if args.shape == "sd14" else 256
   folder = Path(tempfile.mkdtemp(prefix="bench_inference_"))  # the random models, saved as checkpoints
   row = {"shape": args.shape, "device": str(jax.devices()[0].device_kind), "torch": torch.__version__,
-         "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+         "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+         "xla_flags": os.environ.get("XLA_FLAGS", "")}  # with what elite_jax sets (elite_jax/runtime.py)
   for n in args.images:
     r = bench_step(unet_cfg, n, args.reps, args.gpu, folder)
     row[f"images{n}"] = r

@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
 
+import elite_jax  # noqa: E402,F401  (sets its XLA flags before any backend starts: the tests run what users run)
+
 # The commands the tests start as subprocesses use the same folder (elite_jax.runtime reads ELITE_JAX_CACHE).
 os.environ["ELITE_JAX_CACHE"] = os.environ.get("ELITE_JAX_TEST_CACHE",
                                                os.path.expanduser("~/.cache/elite_jax/jax_test_cache"))

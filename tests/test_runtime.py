@@ -46,3 +46,41 @@ def test_configure_off(monkeypatch, no_cache_configured):
   monkeypatch.setenv(runtime.NO_CACHE_ENV, "1")
   runtime.configure()
   assert not jax.config.jax_compilation_cache_dir
+
+
+def test_xla_flags_appended_unless_named_or_unmeasured():
+  flag, value = next(iter(runtime.XLA_FLAGS.items()))
+  measured = runtime.XLA_FLAGS_JAXLIB[0] + "2"
+  assert runtime.xla_flags("", measured) == f"--{flag}={value}"
+  assert runtime.xla_flags("--xla_force_host_platform_device_count=8", measured) == \
+      f"--xla_force_host_platform_device_count=8 --{flag}={value}"
+  assert runtime.xla_flags(f"--{flag}=", measured) == f"--{flag}="  # the user's own value (here: Eigen for all) wins
+  once = runtime.xla_flags("", measured)
+  assert runtime.xla_flags(once, measured) == once
+  assert runtime.xla_flags("--xla_dump_to=/tmp/x", "99.0.0") == "--xla_dump_to=/tmp/x"  # a release not measured
+
+
+_CONV_PROGRAM = """
+import elite_jax, jax, jax.numpy as jnp
+conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                         dimension_numbers=("NHWC", "HWIO", "NHWC")))
+hlo = conv.lower(jnp.ones((2, 16, 16, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()  # YNNPACK takes this size
+print("ynnpack" if "__ynn_fusion" in hlo else "eigen")
+"""
+
+
+@pytest.mark.parametrize("user_flags, library", [("", "eigen"),
+                                                 ("--xla_cpu_experimental_ynn_fusion_type=individual_convolution",
+                                                  "ynnpack")])
+def test_importing_elite_jax_sends_convolutions_to_eigen(user_flags, library):
+  """The flag reaches XLA (a process that imports elite_jax compiles its convolutions outside YNNPACK), and a value
+  the user gives wins."""
+  import importlib.metadata  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  if not importlib.metadata.version("jaxlib").startswith(runtime.XLA_FLAGS_JAXLIB):
+    library = "ynnpack"  # the flag is only set on the releases it was measured on
+  env = {**__import__("os").environ, "XLA_FLAGS": user_flags, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", _CONV_PROGRAM], env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-1] == library
