@@ -4,8 +4,8 @@ What is set, and why (figures in BENCHMARKS.md, "CPU speed"):
 
 - **XLA:CPU convolutions through Eigen** (``--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce``: matmuls
   and reductions stay with YNNPACK, jaxlib's default for all three). Measured on this project's 2-core machines, an
-  SD v1-4 UNet step (CFG batch 2, 64 x 64 latent) took 6.1 s instead of 8.0 s, and every 3x3 convolution of SD's
-  shapes ran 1.1-2.7x faster; Eigen for matmuls too (an empty value) was slower (6.6 s), and oneDNN matmuls
+  SD v1-4 UNet step (CFG batch 2, 64 x 64 latent) took 6.1 s instead of 8.0-8.6 s, and every 3x3 convolution of
+  SD's shapes ran 1.2-2.7x faster; Eigen for matmuls too (an empty value) was slower (6.6 s), and oneDNN matmuls
   (``--xla_cpu_use_onednn``) fail to compile the UNet on jaxlib 0.10.2. Set in ``XLA_FLAGS`` when elite_jax is
   imported, before any JAX backend starts (XLA reads the variable once), only on the jaxlib releases it was measured
   on (an unknown flag aborts the process), and never over a value the user's ``XLA_FLAGS`` already gives.
