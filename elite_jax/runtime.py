@@ -62,8 +62,7 @@ def cache_dir() -> str | None:
 
 
 def configure() -> None:
-  """What the command-line tools call before any work: the flags (if not yet set) and the cache (idempotent)."""
-  set_xla_flags()
+  """What the command-line tools call before any work: the cache (idempotent; the flags are set on import)."""
   folder = cache_dir()
   if folder is None or jax.config.jax_compilation_cache_dir:
     return

@@ -1,6 +1,11 @@
 """elite_jax.runtime: where the commands' persistent compilation cache goes, how it is turned off, and that a cache
 the user configured is left alone."""
 
+import importlib.metadata
+import os
+import subprocess
+import sys
+
 import jax
 import pytest
 
@@ -75,12 +80,9 @@ print("ynnpack" if "__ynn_fusion" in hlo else "eigen")
 def test_importing_elite_jax_sends_convolutions_to_eigen(user_flags, library):
   """The flag reaches XLA (a process that imports elite_jax compiles its convolutions outside YNNPACK), and a value
   the user gives wins."""
-  import importlib.metadata  # noqa: PLC0415
-  import subprocess  # noqa: PLC0415
-  import sys  # noqa: PLC0415
   if not importlib.metadata.version("jaxlib").startswith(runtime.XLA_FLAGS_JAXLIB):
     library = "ynnpack"  # the flag is only set on the releases it was measured on
-  env = {**__import__("os").environ, "XLA_FLAGS": user_flags, "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": user_flags, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run([sys.executable, "-c", _CONV_PROGRAM], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split()[-1] == library
