@@ -32,7 +32,7 @@ from diffusers import AutoencoderKL as TorchVAE, DDIMScheduler, StableDiffusionP
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
 from bench.timing import jax_sync, median_time, torch_sync
-from elite_jax import concept, tiny
+from elite_jax import concept, native, tiny
 from elite_jax.models import presets
 from elite_jax.models.elite_attention import LocalInputs
 from elite_jax.models.unet import UNetConfig
@@ -179,7 +179,8 @@ def main() -> None:
   folder = Path(tempfile.mkdtemp(prefix="bench_inference_"))  # the random models, saved as checkpoints
   row = {"shape": args.shape, "device": str(jax.devices()[0].device_kind), "torch": torch.__version__,
          "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-         "xla_flags": os.environ.get("XLA_FLAGS", "")}  # with what elite_jax sets (elite_jax/runtime.py)
+         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # with what elite_jax sets (elite_jax/runtime.py)
+         "native_attention": native.available()}  # the fused CPU kernel (elite_jax/native), unless turned off
   for n in args.images:
     r = bench_step(unet_cfg, n, args.reps, args.gpu, folder)
     row[f"images{n}"] = r

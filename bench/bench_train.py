@@ -32,7 +32,7 @@ from diffusers import AutoencoderKL as TorchVAE, DDPMScheduler, UNet2DConditionM
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
 from bench.timing import jax_sync, median_time, torch_sync
-from elite_jax import sharding
+from elite_jax import native, sharding
 from elite_jax.models import presets
 from elite_jax.train import config as config_lib
 from elite_jax.train.program import build
@@ -206,7 +206,7 @@ def main() -> None:
   for stage in args.stages:
     for batch in args.batch:
       row = {"stage": stage, "batch": batch, "shape": args.shape, "device": str(jax.devices()[0].device_kind),
-             "date": time.strftime("%Y-%m-%d")}
+             "date": time.strftime("%Y-%m-%d"), "native_attention": native.available()}
       for compute in (("float32", "bfloat16") if args.gpu else ("float32",)):
         fn, state, frozen, gb = jax_setup(shape, folder, stage, batch, compute)
         compiled = fn.lower(state, frozen, gb).compile()

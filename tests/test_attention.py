@@ -1,7 +1,9 @@
 """Every attention implementation that runs on a CPU against the plain formula, float32 and bfloat16.
 
 "xla" is what GPUs run (and what every other implementation falls back to); "pallas" is the TPU flash-attention kernel
-JAX ships, run here in Pallas' interpret mode (the same kernel code, interpreted); "cpu" is the chunked kernel.
+JAX ships, run here in Pallas' interpret mode (the same kernel code, interpreted); "cpu" is the fused C++ kernel in
+float32 (tests/test_native.py tests it further) and the blocked XLA form in bfloat16 (and in
+test_cpu_blocks_tile_exactly).
 "cudnn" needs a CUDA GPU: on a CPU it must refuse with a clear error (its numerics are checked on a GPU by
 bench/gpu_run.sh's runs).
 """

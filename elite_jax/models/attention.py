@@ -5,8 +5,10 @@ Every attention of the models (the UNet's self- and cross-attention, the CLIP to
 
 - ``"xla"``: ``jax.nn.dot_product_attention``'s XLA composite; every backend.
 - ``"cudnn"``: cuDNN's fused kernel (GPU, half precision; float32 inputs take ``"xla"``, which cuDNN does not take).
-- ``"cpu"``: matmuls over blocks of (batch x heads, queries) with 4-16 MB of scores each, the fastest form found
-  on XLA:CPU (``_cpu_blocked``, BENCHMARKS.md); a causal attention (77 text tokens) takes ``"xla"``.
+- ``"cpu"``: float32 inference through the fused C++ kernel of ``elite_jax.native`` (built on first use; scores
+  stay in cache); its gradient, other dtypes, and machines where it cannot be built take matmuls over blocks of
+  (batch x heads, queries) with 4-16 MB of scores each, the fastest form found in XLA alone (``_cpu_blocked``,
+  BENCHMARKS.md); a causal attention (77 text tokens) takes ``"xla"``.
 - ``"pallas"``: the Pallas TPU flash-attention kernel JAX ships (``jax.experimental.pallas.ops.tpu``), which never
   materialises the (Lq, Lk) scores: what keeps 512 px training on TPUs from holding 4096 x 4096 maps. It takes
   sequence lengths that are multiples of 128 and head dims up to 128 (or multiples of 128); other shapes (the
@@ -20,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from elite_jax import native
 from elite_jax.errors import InputError
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu", "pallas")
@@ -57,6 +60,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
     return out.astype(q.dtype)
   impl = resolve(implementation)
   if impl == "cpu" and not causal:
+    if q.dtype == k.dtype == v.dtype == jnp.float32 and native.available():
+      return _cpu_fused(q, k, v)
     return _cpu_blocked(q, k, v)
   if impl == "pallas" and _pallas_fits(q, k):
     return _pallas_flash(q, k, v, causal)
@@ -66,6 +71,79 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implement
     if q.dtype in (jnp.float16, jnp.bfloat16):
       return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+
+
+@jax.custom_vjp
+def _cpu_fused(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """The fused kernel (float32); its gradient is ``_cpu_fused_grad``'s."""
+  return native.attention(q, k, v)[0]
+
+
+def _cpu_fused_fwd(q, k, v):
+  out, lse = native.attention(q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _cpu_fused_bwd(res, g):
+  return _cpu_fused_grad(*res, g)
+
+
+_cpu_fused.defvjp(_cpu_fused_fwd, _cpu_fused_bwd)
+
+
+def _cpu_fused_grad(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array, g: jax.Array,
+                    block_bytes: int = CPU_BLOCK_BYTES, group_bytes: int | None = CPU_GROUP_BYTES):
+  """(dq, dk, dv) of softmax(q k^T / sqrt(d)) v from the kernel's output and log-denominators (``lse``, (B, H, Lq)),
+  over the blocks of ``_cpu_blocked``: each block's probabilities are recomputed from q, k and lse (FlashAttention's
+  backward pass) rather than saved by the forward pass, which keeps the scores of every block in memory (tens of MB
+  per layer at SD's shapes) between the two passes.
+  dp = g v^T, ds = p (dp - rowsum(g * out)), dq = ds k / sqrt(d), dk = ds^T q / sqrt(d), dv = p^T g."""
+  b, n, h, d = q.shape
+  m = k.shape[1]
+  bh = b * h
+  scale = jnp.asarray(d ** -0.5, q.dtype)
+  heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(bh, x.shape[1], x.shape[3])  # noqa: E731
+  qt, kt, vt, gt = heads_first(q * scale), heads_first(k), heads_first(v), heads_first(g)
+  lt = lse.reshape(bh, n)
+  dt = jnp.einsum("bqhd,bqhd->bhq", g, out).reshape(bh, n)
+  rows, group = _cpu_blocking(n, m, bh, q.dtype, block_bytes, group_bytes)
+
+  def block(qc, kc, vc, gc, lc, dc):  # (G, c, d), (G, m, d), (G, m, dv), (G, c, dv), (G, c), (G, c)
+    p = jnp.exp(jnp.einsum("gcd,gmd->gcm", qc, kc) - lc[..., None])
+    ds = p * (jnp.einsum("gce,gme->gcm", gc, vc) - dc[..., None])
+    return (jnp.einsum("gcm,gmd->gcd", ds, kc), jnp.einsum("gcm,gcd->gmd", ds, qc),
+            jnp.einsum("gcm,gce->gme", p, gc))
+
+  def heads(args):  # one group of heads; over its query blocks, dk and dv add up
+    qg, kg, vg, gg, lg, dg = args
+    if rows == n:
+      return block(qg, kg, vg, gg, lg, dg)
+    chunk = lambda x: x.reshape(group, n // rows, rows, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+
+    def step(acc, xs):
+      dq, dk, dv = block(xs[0], kg, vg, xs[1], xs[2], xs[3])
+      return (acc[0] + dk, acc[1] + dv), dq
+    (dk, dv), dq = jax.lax.scan(step, (jnp.zeros_like(kg), jnp.zeros_like(vg)),
+                                (chunk(qg), chunk(gg), chunk(lg), chunk(dg)))
+    return dq.swapaxes(0, 1).reshape(group, n, d), dk, dv
+
+  args = (qt, kt, vt, gt, lt, dt)
+  if group == bh:
+    dq, dk, dv = heads(args)
+  else:
+    split = lambda x: x.reshape(bh // group, group, *x.shape[1:])  # noqa: E731
+    dq, dk, dv = (x.reshape(bh, *x.shape[2:]) for x in jax.lax.map(heads, tuple(split(x) for x in args)))
+  back = lambda x: x.reshape(b, h, *x.shape[1:]).transpose(0, 2, 1, 3)  # noqa: E731
+  return back(dq) * scale, back(dk), back(dv)
+
+
+def _cpu_blocking(n: int, m: int, bh: int, dtype, block_bytes: int, group_bytes: int | None) -> tuple[int, int]:
+  """(queries per block, heads per block) of the CPU forms (see ``_cpu_blocked``)."""
+  row_bytes = m * max(jnp.dtype(dtype).itemsize, 4)  # one query's scores (softmax math is at least float32 wide)
+  rows = _divisor_at_most(n, max(1, block_bytes // row_bytes))
+  group_bytes = block_bytes if group_bytes is None else group_bytes
+  group = _divisor_at_most(bh, max(1, group_bytes // (row_bytes * rows))) if rows == n else 1
+  return rows, group
 
 
 def _cpu_blocked(q: jax.Array, k: jax.Array, v: jax.Array, block_bytes: int = CPU_BLOCK_BYTES,
@@ -86,10 +164,7 @@ def _cpu_blocked(q: jax.Array, k: jax.Array, v: jax.Array, block_bytes: int = CP
   qt = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3).reshape(bh, n, d)
   kt = k.transpose(0, 2, 3, 1).reshape(bh, d, m)
   vt = v.transpose(0, 2, 1, 3).reshape(bh, m, dv)
-  row_bytes = m * max(jnp.dtype(q.dtype).itemsize, 4)  # one query's scores (softmax math is at least float32 wide)
-  rows = _divisor_at_most(n, max(1, block_bytes // row_bytes))  # queries per block
-  group_bytes = block_bytes if group_bytes is None else group_bytes
-  group = _divisor_at_most(bh, max(1, group_bytes // (row_bytes * rows))) if rows == n else 1  # heads per block
+  rows, group = _cpu_blocking(n, m, bh, q.dtype, block_bytes, group_bytes)
 
   def block(qc, kc, vc):  # (g, c, d), (g, d, m), (g, m, dv)
     s = jnp.matmul(qc, kc)

@@ -1,0 +1,133 @@
+"""The native CPU attention kernel (elite_jax/native): built on this machine, against the plain formula in float64,
+chosen by the "cpu" implementation for float32 inference, and left for the XLA forms when it cannot be built."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from elite_jax import native
+from elite_jax.models import attention
+from tests.test_attention import _rel, plain
+
+
+def _qkv(b, lq, lk, h, d, dv, seed=0, spread=1.0):
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((b, lq, h, d)) * spread
+  k = rng.standard_normal((b, lk, h, d))
+  v = rng.standard_normal((b, lk, h, dv))
+  return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v))
+
+
+def test_builds_here():
+  """CI machines have a C++ compiler: the kernel must build there, so the tests below run the kernel itself."""
+  assert native.available(), native._registered()
+
+
+# (batch, queries, keys, heads, width, value width): SD's 40-wide heads over 4 key tiles (the online softmax
+# rescales 3 times) with a partial last tile; queries that leave a partial block; a 77-token cross-attention;
+# 8-wide heads (the small UNet); values narrower than keys and not a multiple of 4 channels; one key.
+CASES = [(2, 512, 512, 2, 40, 40), (1, 100, 300, 3, 40, 40), (2, 256, 77, 2, 160, 160), (2, 64, 1024, 8, 8, 8),
+         (1, 70, 13, 2, 24, 7), (1, 5, 1, 1, 16, 16)]
+
+
+@pytest.mark.parametrize("b,lq,lk,h,d,dv", CASES)
+def test_fused_matches_the_plain_formula(b, lq, lk, h, d, dv):
+  q, k, v = _qkv(b, lq, lk, h, d, dv, spread=3.0)  # large scores: a wrong running max would show
+  got, lse = jax.jit(native.attention)(q, k, v)
+  assert got.shape == (b, lq, h, dv) and lse.shape == (b, h, lq)
+  assert _rel(got, plain(q, k, v, False)) < 2e-6
+  s = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64)) / np.sqrt(d)
+  want = s.max(-1) + np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1))
+  assert np.abs(np.asarray(lse, np.float64) - want).max() < 1e-5 * np.abs(want).max()
+
+
+def test_cpu_implementation_runs_the_kernel_forward_and_backward():
+  q, k, v = _qkv(2, 256, 256, 2, 40, 40, seed=1)
+  f = lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="cpu")  # noqa: E731
+  assert native.ATTENTION_TARGET in jax.jit(f).lower(q, k, v).as_text()
+  assert native.ATTENTION_TARGET in jax.jit(jax.grad(lambda *a: f(*a).sum())).lower(q, k, v).as_text()
+  bf = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))  # other dtypes keep the XLA form
+  assert native.ATTENTION_TARGET not in jax.jit(f).lower(*bf).as_text()
+
+
+# The backward pass's blocks: whole heads in groups of two (of 4), and 32-query chunks whose dk and dv add up; keys
+# and values of other widths than the queries'.
+@pytest.mark.parametrize("block_bytes,dv", [(256 * 4 * 256 * 2, 40), (256 * 4 * 32, 24)])
+def test_gradient_matches_autodiff_of_the_formula(block_bytes, dv):
+  q, k, v = _qkv(2, 256, 256, 2, 40, dv, seed=3, spread=2.0)
+  weights = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape[:-1] + (dv,)), jnp.float32)
+
+  def ref(q, k, v):
+    p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / np.sqrt(q.shape[-1]), -1)
+    return jnp.sum(jnp.einsum("bhqk,bkhd->bqhd", p, v, precision="highest") * weights)
+
+  out, lse = native.attention(q, k, v)
+  g = jnp.broadcast_to(weights, out.shape)
+  got = jax.jit(lambda *a: attention._cpu_fused_grad(*a, block_bytes, block_bytes))(q, k, v, out, lse, g)
+  want = jax.grad(ref, argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    assert _rel(a, b) < 1e-5
+  default = jax.grad(lambda *a: jnp.sum(attention._cpu_fused(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(default, want):
+    assert _rel(a, b) < 1e-5
+
+
+def test_batched_by_vmap():
+  q, k, v = _qkv(6, 96, 80, 2, 16, 16, seed=2)
+  split = lambda x: x.reshape(3, 2, *x.shape[1:])  # noqa: E731
+  got = jax.jit(jax.vmap(native.attention))(split(q), split(k), split(v))[0].reshape(6, 96, 2, 16)
+  assert _rel(got, plain(q, k, v, False)) < 2e-6
+
+
+def test_built_once_per_key(tmp_path, monkeypatch):
+  monkeypatch.setenv(native.DIR_ENV, str(tmp_path))
+  path = native.build()
+  assert os.path.dirname(path) == str(tmp_path) and os.listdir(tmp_path) == [os.path.basename(path)]
+  stamp = os.stat(path).st_mtime_ns
+  assert native.build() == path and os.stat(path).st_mtime_ns == stamp
+
+
+def test_a_failed_build_names_the_problem(tmp_path, monkeypatch):
+  monkeypatch.setenv(native.DIR_ENV, str(tmp_path))
+  monkeypatch.setenv("CXX", "false")  # a "compiler" that fails: no library, no temporary file left behind
+  with pytest.raises(RuntimeError, match="false failed"):
+    native.build()
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("env", [{"CXX": "false"}, {native.OFF_ENV: "0"}])
+def test_without_the_kernel_cpu_attention_keeps_the_xla_form(tmp_path, env):
+  """A failed build warns once and falls back; ELITE_JAX_NATIVE=0 falls back silently. Both in a fresh process (the
+  kernel registers once per process)."""
+  code = ("import warnings, jax, jax.numpy as jnp\n"
+          "from elite_jax.models import attention\n"
+          "x = jnp.ones((1, 64, 2, 8))\n"
+          "f = lambda x: attention.dot_product_attention(x, x, x, implementation='cpu')\n"
+          "with warnings.catch_warnings(record=True) as w:\n"
+          "  warnings.simplefilter('always')\n"
+          "  text = jax.jit(f).lower(x).as_text(); f(x); f(x)\n"
+          "print('kernel' if 'elite_cpu_attention' in text else 'xla', len(w), *[str(m.message) for m in w])\n")
+  environ = dict(os.environ, **env, **{native.DIR_ENV: str(tmp_path)})
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=300)
+  assert done.returncode == 0, done.stderr
+  if "CXX" in env:
+    assert done.stdout.startswith("xla 1 elite_jax: native CPU kernels unavailable (false failed"), done.stdout
+  else:
+    assert done.stdout.strip() == "xla 0", done.stdout
+
+
+def test_sharded_by_batch_and_heads_without_gathering():
+  """On a (data, tensor) mesh each device runs the kernel on its own batch rows and heads."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((2, 4), ("data", "tensor"), devices=jax.devices()[:8])
+  q, k, v = (jax.device_put(x, NamedSharding(mesh, P("data", None, "tensor"))) for x in _qkv(4, 64, 48, 8, 8, 8, 5))
+  f = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="cpu"))
+  text = f.lower(q, k, v).compile().as_text()
+  assert "all-gather" not in text and "f32[2,64,2,8]" in text  # a quarter of the heads, half the batch each
+  got = f(q, k, v)
+  assert tuple(got.sharding.spec)[:3] == ("data", None, "tensor") and _rel(got, plain(q, k, v, False)) < 2e-6
