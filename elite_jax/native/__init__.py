@@ -153,7 +153,7 @@ def _attention_vmap(axis_size, in_batched, q, k, v):
 def _call(q, k, v):
   out = jax.ShapeDtypeStruct(q.shape[:-1] + v.shape[-1:], q.dtype)
   lse = jax.ShapeDtypeStruct(q.shape[:-3] + (q.shape[-2], q.shape[-3]), jnp.float32)
-  return jax.ffi.ffi_call(ATTENTION_TARGET, (out, lse), )(q, k, v)
+  return jax.ffi.ffi_call(ATTENTION_TARGET, (out, lse))(q, k, v)
 
 
 @custom_partitioning

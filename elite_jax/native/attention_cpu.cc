@@ -130,9 +130,10 @@ void block(const Shape& sh, const float* q, const float* k, const float* v, floa
   const int64_t nq = std::min<int64_t>(kQ, sh.lq - i0);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   // Q^T, scaled, with the block's missing queries zero (their results are not written).
-  for (int64_t i = 0; i < kQ; ++i) {
+  if (nq < kQ) std::fill(w.qt, w.qt + d * kQ, 0.0f);
+  for (int64_t i = 0; i < nq; ++i) {
     const float* qi = q + ((b * sh.lq + i0 + i) * heads + h) * d;
-    for (int64_t c = 0; c < d; ++c) w.qt[c * kQ + i] = i < nq ? qi[c] * scale : 0.0f;
+    for (int64_t c = 0; c < d; ++c) w.qt[c * kQ + i] = qi[c] * scale;
   }
   std::fill(w.ot, w.ot + dv * kQ, 0.0f);
   V m[kQV], l[kQV];
