@@ -1,8 +1,8 @@
 """Native CPU kernels: C++ XLA FFI handlers (``jax.ffi``), built with the machine's C++ compiler on first use.
 
 Why: XLA:CPU has no fused attention, so every softmax(q k^T) v writes its scores to memory and reads them back; the
-fused kernel here (``attention_cpu.cc``) keeps them in cache and ran SD's 4096-token self-attention about 2x faster
-than the best XLA form (BENCHMARKS.md, "CPU speed"). Why built on first use: the handler is compiled against the
+fused kernel here (``attention_cpu.cc``) keeps them in cache and ran SD's self-attention shapes 1.3-2.0x faster than
+the best XLA form (BENCHMARKS.md, "Fused CPU attention"). Why built on first use: the handler is compiled against the
 installed jaxlib's FFI headers (``jax.ffi.include_dir()``) and for this CPU (``-march=native``), which a wheel built
 elsewhere could not be; the build takes a few seconds, once per machine, jaxlib and source.
 
