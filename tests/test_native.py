@@ -1,9 +1,12 @@
-"""The native CPU attention kernel (elite_jax/native): built on this machine, against the plain formula in float64,
-chosen by the "cpu" implementation for float32 inference, and left for the XLA forms when it cannot be built."""
+"""The native CPU attention kernel (elite_jax/native): built on this machine for every vector width and every
+instruction set it can run, against the plain formula in float64; chosen by the "cpu" implementation for float32
+where its self-check (selfcheck.py) found it faster; left for the XLA forms when it cannot be built or is slower."""
 
 import os
 import subprocess
 import sys
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,9 @@ import numpy as np
 import pytest
 
 from elite_jax import native
+from elite_jax.errors import InputError
 from elite_jax.models import attention
+from elite_jax.native import selfcheck
 from tests.test_attention import _rel, plain
 
 
@@ -25,7 +30,7 @@ def _qkv(b, lq, lk, h, d, dv, seed=0, spread=1.0):
 
 def test_builds_here():
   """CI machines have a C++ compiler: the kernel must build there, so the tests below run the kernel itself."""
-  assert native.available(), native._registered()
+  assert native.kernel() is not None, native._default()
 
 
 # (batch, queries, keys, heads, width, value width): SD's 40-wide heads over 4 key tiles (the online softmax
@@ -35,10 +40,9 @@ CASES = [(2, 512, 512, 2, 40, 40), (1, 100, 300, 3, 40, 40), (2, 256, 77, 2, 160
          (1, 70, 13, 2, 24, 7), (1, 5, 1, 1, 16, 16)]
 
 
-@pytest.mark.parametrize("b,lq,lk,h,d,dv", CASES)
-def test_fused_matches_the_plain_formula(b, lq, lk, h, d, dv):
+def _check_formula(fn, b, lq, lk, h, d, dv):
   q, k, v = _qkv(b, lq, lk, h, d, dv, spread=3.0)  # large scores: a wrong running max would show
-  got, lse = jax.jit(native.attention)(q, k, v)
+  got, lse = jax.jit(fn)(q, k, v)
   assert got.shape == (b, lq, h, dv) and lse.shape == (b, h, lq)
   assert _rel(got, plain(q, k, v, False)) < 2e-6
   s = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64)) / np.sqrt(d)
@@ -46,7 +50,37 @@ def test_fused_matches_the_plain_formula(b, lq, lk, h, d, dv):
   assert np.abs(np.asarray(lse, np.float64) - want).max() < 1e-5 * np.abs(want).max()
 
 
-def test_cpu_implementation_runs_the_kernel_forward_and_backward():
+@pytest.mark.parametrize("b,lq,lk,h,d,dv", CASES)
+def test_fused_matches_the_plain_formula(b, lq, lk, h, d, dv):
+  _check_formula(native.attention, b, lq, lk, h, d, dv)
+
+
+@pytest.mark.parametrize("width", native.WIDTHS)
+def test_every_vector_width_matches_the_plain_formula(width):
+  """4, 8 and 16 floats per vector, each forced on this machine's target (a width it lacks is slow, not wrong)."""
+  kernel = native.load(width=width)
+  assert kernel.width == width and kernel.queries % width == 0
+  for case in CASES:
+    _check_formula(kernel, *case)
+
+
+# The width each named target must pick by itself on x86-64 (generic: SSE2).
+X86_WIDTHS = {"x86-64-v3": 8, "x86-64-v4": 16, "generic": 4}
+
+
+@pytest.mark.parametrize("target", [a for a in native.ARCHS if a != "native"])
+def test_every_instruction_set_this_cpu_runs_builds_and_matches(target):
+  if target not in native.supported_archs():
+    pytest.skip(f"this CPU cannot run {target} code ({native.cpu_info()['model']})")
+  kernel = native.load(target)
+  if os.uname().machine == "x86_64":
+    assert kernel.width == X86_WIDTHS[target], kernel
+  for case in CASES:
+    _check_formula(kernel, *case)
+
+
+def test_cpu_implementation_runs_the_kernel_forward_and_backward(monkeypatch):
+  monkeypatch.setenv(native.MODE_ENV, "1")  # the kernel whatever this machine's self-check chose
   q, k, v = _qkv(2, 256, 256, 2, 40, 40, seed=1)
   f = lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="cpu")  # noqa: E731
   assert native.ATTENTION_TARGET in jax.jit(f).lower(q, k, v).as_text()
@@ -98,6 +132,81 @@ def test_a_failed_build_names_the_problem(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="false failed"):
     native.build()
   assert os.listdir(tmp_path) == []
+
+
+def test_the_self_check_decides_by_every_shape():
+  assert selfcheck.decide([1.0, 2.0], [1.5, 2.0])  # as fast or faster everywhere
+  assert not selfcheck.decide([1.0, 2.1], [3.0, 2.0])  # slower on one shape: the XLA form, however fast elsewhere
+
+
+def _fake_kernel(tmp_path):
+  return native.Kernel(str(tmp_path / "attention_cpu-0123456789abcdef.so"), "t", "native", 16, 96, 64)
+
+
+@pytest.mark.parametrize("kernel_ms,use", [(1.0, True), (3.0, False)])
+def test_the_self_check_is_measured_once_and_cached(tmp_path, kernel_ms, use):
+  """Forced timings (the kernel fast, then slow, against an XLA form at 2 ms): the choice follows them, is written
+  next to the library, and a later process reads it instead of timing again."""
+  kernel = _fake_kernel(tmp_path)
+  calls = []
+
+  def timer(k):
+    calls.append(k)
+    return [kernel_ms] * len(selfcheck.SHAPES), [2.0] * len(selfcheck.SHAPES)
+  got = selfcheck.choose(kernel, timer)
+  assert got.use_kernel is use and got.source == "measured now" and calls == [kernel]
+  with open(selfcheck.cache_path(kernel)) as f:
+    assert json.load(f)["use_kernel"] is use
+  again = selfcheck.choose(kernel, lambda k: pytest.fail("timed again"))
+  assert again.use_kernel is use and again.source.startswith("cached in ") and again.kernel_ms == got.kernel_ms
+  summary = again.summary(kernel)
+  assert ("the fused kernel" if use else "the XLA form") in summary and f"{2.0 / kernel_ms:.2f}" in summary
+
+
+def test_a_cache_from_other_shapes_is_measured_again(tmp_path):
+  kernel = _fake_kernel(tmp_path)
+  with open(selfcheck.cache_path(kernel), "w") as f:
+    json.dump({"use_kernel": False, "shapes": [[1, 2, 3, 4, 5]], "kernel_ms": [1], "xla_ms": [1]}, f)
+  got = selfcheck.choose(kernel, lambda k: ([1.0] * len(selfcheck.SHAPES), [2.0] * len(selfcheck.SHAPES)))
+  assert got.use_kernel and got.source == "measured now"
+
+
+def test_the_self_check_times_both_forms():
+  ms_kernel, ms_xla = selfcheck.measure(native.kernel(), shapes=((1, 64, 80, 2, 8),), reps=1)
+  assert len(ms_kernel) == len(ms_xla) == 1 and ms_kernel[0] > 0 and ms_xla[0] > 0
+
+
+@pytest.mark.parametrize("use", [True, False])
+def test_auto_follows_the_self_check(monkeypatch, use):
+  monkeypatch.setenv(native.MODE_ENV, "auto")
+  monkeypatch.setattr(selfcheck, "choice", lambda: selfcheck.Choice(use, (), (), (), "test"))
+  x = jnp.ones((1, 64, 2, 8))
+  text = jax.jit(lambda x: attention.dot_product_attention(x, x, x, implementation="cpu")).lower(x).as_text()
+  assert (native.ATTENTION_TARGET in text) is use
+
+
+def test_a_bad_mode_names_the_problem(monkeypatch):
+  monkeypatch.setenv(native.MODE_ENV, "fast")
+  with pytest.raises(InputError, match="ELITE_JAX_NATIVE='fast' is not one of auto, 1, 0"):
+    native.available()
+
+
+def test_the_report_command_measures_then_reads_the_cache(tmp_path):
+  """``python -m elite_jax.native`` in a fresh folder: it builds, runs the real self-check, writes the choice; the
+  second run reads it. (Which form wins is this machine's business; that one is chosen is not.)"""
+  env = dict(os.environ, **{native.DIR_ENV: str(tmp_path), native.MODE_ENV: "auto"})
+  reports = []
+  for _ in range(2):
+    done = subprocess.run([sys.executable, "-m", "elite_jax.native"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    reports.append(json.loads(done.stdout.strip().splitlines()[-1]))
+  first, second = reports
+  assert first["summary"].endswith("measured now") and "cached in" in second["summary"]
+  assert first["use_kernel"] == second["use_kernel"] == selfcheck.decide(first["kernel_ms"], first["xla_ms"])
+  assert len(first["kernel_ms"]) == len(selfcheck.SHAPES) and first["kernel"].startswith("native, ")
+  library = os.path.basename(first["library"])[:-len(".so")]
+  assert sorted(os.listdir(tmp_path)) == sorted(library + end for end in (".so", ".choice.json", ".choice.json.lock"))
 
 
 @pytest.mark.parametrize("env", [{"CXX": "false"}, {native.OFF_ENV: "0"}])

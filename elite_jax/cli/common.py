@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -27,8 +28,10 @@ RANDOM_DEFAULTS = GenerationOptions(height=64, width=64, steps=4)
 
 def exit_code(fn: Callable, *args: Any) -> int:
   """Run an entry point's body (after ``runtime.configure()``): 0 when it returns, 2 with ``error: <message>`` on
-  stderr for an InputError."""
+  stderr for an InputError. ``--verbose`` (an argparse namespace first in ``args``) shows elite_jax's INFO logs."""
   runtime.configure()
+  if args and getattr(args[0], "verbose", False):
+    show_info_logs()
   try:
     fn(*args)
   except InputError as e:
@@ -37,8 +40,19 @@ def exit_code(fn: Callable, *args: Any) -> int:
   return 0
 
 
+def show_info_logs() -> None:
+  """elite_jax's INFO log lines on stderr (which attention kernel the CPU runs and why, data loading), not other
+  libraries'."""
+  log = logging.getLogger("elite_jax")
+  if not log.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    log.addHandler(handler)
+  log.setLevel(logging.INFO)
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-  """--pretrained, --image-encoder, --global-mapper, --local-mapper, --attention, --random-weights."""
+  """--pretrained, --image-encoder, --global-mapper, --local-mapper, --attention, --random-weights, --verbose."""
   p.add_argument("--pretrained", default="CompVis/stable-diffusion-v1-4", help="diffusers SD folder or hub repo id")
   p.add_argument("--image-encoder", default="openai/clip-vit-large-patch14",
                  help="image encoder folder or hub repo id (CLIP, DINOv2, SigLIP: the mappers' own)")
@@ -50,6 +64,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                  help="RANDOM WEIGHTS, output is noise: tiny in-memory models to check an install offline in seconds "
                       "(64 px and 4 steps unless given; mapper files given with it, e.g. from configs/tiny_stage*.py "
                       "runs, replace its random mappers)")
+  p.add_argument("--verbose", action="store_true",
+                 help="log what elite_jax decides (e.g. the CPU attention kernel's self-check and its figures)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,11 +5,12 @@ Every attention of the models (the UNet's self- and cross-attention, the CLIP to
 
 - ``"xla"``: ``jax.nn.dot_product_attention``'s XLA composite; every backend.
 - ``"cudnn"``: cuDNN's fused kernel (GPU, half precision; float32 inputs take ``"xla"``, which cuDNN does not take).
-- ``"cpu"``: float32 through the fused C++ kernel of ``elite_jax.native`` (built on first use; scores stay in
-  cache), whose gradient XLA computes over blocks, recomputing the probabilities from the kernel's log-denominators
-  (``_cpu_fused_grad``); other dtypes, and machines where the kernel cannot be built, take matmuls over blocks of
-  (batch x heads, queries) with 4-16 MB of scores each, the fastest form found in XLA alone (``_cpu_blocked``,
-  BENCHMARKS.md); a causal attention (77 text tokens) takes ``"xla"``.
+- ``"cpu"``: float32 through the fused C++ kernel of ``elite_jax.native`` (built on first use for this CPU's vector
+  width; scores stay in cache), whose gradient XLA computes over blocks, recomputing the probabilities from the
+  kernel's log-denominators (``_cpu_fused_grad``); other dtypes, machines where the kernel cannot be built, and
+  machines where its self-check found it slower than XLA (``ELITE_JAX_NATIVE=auto``, ``native/selfcheck.py``) take
+  matmuls over blocks of (batch x heads, queries) with 4-16 MB of scores each, the fastest form found in XLA alone
+  (``_cpu_blocked``, BENCHMARKS.md); a causal attention (77 text tokens) takes ``"xla"``.
 - ``"pallas"``: the Pallas TPU flash-attention kernel JAX ships (``jax.experimental.pallas.ops.tpu``), which never
   materialises the (Lq, Lk) scores: what keeps 512 px training on TPUs from holding 4096 x 4096 maps. It takes
   sequence lengths that are multiples of 128 and head dims up to 128 (or multiples of 128); other shapes (the

@@ -6,12 +6,19 @@
 // batch axis. Work items are blocks of kQ queries of one (batch, head), shared out over XLA's intra-op thread pool.
 // For each block the scores never leave the cache: over tiles of kK keys, S^T = K Q^T, an online softmax (running
 // max and sum per query), O^T += V^T P^T, and one division at the end. Everything is vectorised over the block's
-// queries (kQ = 4 vectors of 16 floats), so no step needs a horizontal reduction and any head width works.
+// queries (kQV vectors of kW floats), so no step needs a horizontal reduction and any head width works.
+//
+// The vector width and the register blocking follow the target the compiler is given (-march): 16 floats and
+// 6 x 4 accumulators where there are 32 vector registers (AVX-512), 8 floats and 4 x 3 where AVX/AVX2 have 16, and
+// 4 floats (SSE2, NEON, or plain C++ where neither) otherwise. A width a target does not have is still correct,
+// only slow: GCC splits the vectors (16 floats on AVX2 ran 13x slower than XLA). -DELITE_ATTENTION_WIDTH=4|8|16
+// forces a width (the tests build each).
 
 #include <algorithm>
 #include <atomic>
 #include <cfloat>
 #include <cmath>
+#include <cstdio>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -25,39 +32,84 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kW = 16;        // floats per vector
-constexpr int kQV = 4;        // vectors of queries per block
-constexpr int kQ = kW * kQV;  // queries per block
-constexpr int kK = 128;       // keys per tile: a (kK, kQ) float tile of scores is 32 KB
+#ifndef ELITE_ATTENTION_WIDTH
+#if defined(__AVX512F__)
+#define ELITE_ATTENTION_WIDTH 16
+#elif defined(__AVX__)
+#define ELITE_ATTENTION_WIDTH 8
+#else
+#define ELITE_ATTENTION_WIDTH 4
+#endif
+#endif
+
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kRegisters = 32;
+#else
+constexpr int kRegisters = 16;
+#endif
+
+// The blocking, overridable for tuning (-DELITE_ATTENTION_QV=..., _R, _K).
+#ifndef ELITE_ATTENTION_QV
+#define ELITE_ATTENTION_QV (kRegisters == 32 ? 6 : 4)
+#endif
+#ifndef ELITE_ATTENTION_R
+#define ELITE_ATTENTION_R (kRegisters == 32 ? 4 : 3)
+#endif
+#ifndef ELITE_ATTENTION_K
+#define ELITE_ATTENTION_K 64
+#endif
+constexpr int kW = ELITE_ATTENTION_WIDTH;  // floats per vector
+constexpr int kQV = ELITE_ATTENTION_QV;    // vectors of queries per block
+constexpr int kQ = kW * kQV;               // queries per block
+constexpr int kR = ELITE_ATTENTION_R;      // keys per score micro-kernel: kR x kQV accumulators
+constexpr int kC = kR;                     // value channels per output micro-kernel: kC x kQV accumulators
+constexpr int kK = ELITE_ATTENTION_K;      // keys per tile: the (kK, kQ) tile of scores stays in L1
+// Measured on an Intel Xeon with AVX-512 (BENCHMARKS.md, "CPU speed on every x86 CPU"): 4 x 4 accumulators and
+// 128-key tiles ran 15% slower with AVX-512; with AVX2, blockings of 12 accumulators were best (4 x 3, 3 x 4).
 
 typedef float V __attribute__((vector_size(kW * sizeof(float))));
 typedef int32_t VI __attribute__((vector_size(kW * sizeof(int32_t))));
 
-inline V splat(float x) { return V{} + x; }
+// x - 0 rather than 0 + x: the compiler may drop a subtraction of +0 (it is exact for every x, -0 included), so the
+// splat is one broadcast; 0 + x costs a scalar add before each broadcast (it is not exact for x = -0).
+inline V splat(float x) { return x - V{}; }
 inline V load(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 inline void store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 inline V vmax(V a, V b) { return a > b ? a : b; }
 
-// exp(x) for x <= 0 (softmax arguments): 2^n e^r with |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial
-// (relative error under 1e-8, below float32's rounding); arguments below -87 give about 1e-38 instead of 0.
-inline V vexp(V x) {
-  x = vmax(x, splat(-87.0f));
-  const V magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  V n = (x * splat(1.44269504088896341f) + magic) - magic;
-  V r = x - n * splat(0.693359375f);  // ln 2 in two parts, so that n * ln2 is exact for |n| < 2^9
-  r = r - n * splat(-2.12194440e-4f);
-  V p = splat(1.0f / 5040);
-  p = p * r + splat(1.0f / 720);
-  p = p * r + splat(1.0f / 120);
-  p = p * r + splat(1.0f / 24);
-  p = p * r + splat(1.0f / 6);
-  p = p * r + splat(0.5f);
-  p = p * r + splat(1.0f);
-  p = p * r + splat(1.0f);
-  VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+// 2^x for x <= 0 (the scores are kept in base 2: log2(e) is folded into the query scale): 2^n 2^f with n the
+// nearest integer and f in [-1/2, 1/2] exact, 2^f by a degree-6 minimax polynomial (relative error 1e-7 in float32);
+// arguments below -126 give 2^-126 instead of 0. The integer n is read from the bits of x + 1.5 * 2^23.
+inline V vexp2(V x) {
+  x = vmax(x, splat(-126.0f));
+  const V magic = splat(12582912.0f);
+  const V t = x + magic;
+  const V f = x - (t - magic);
+  V p = splat(1.535336188319500e-4f);
+  p = p * f + splat(1.339887440266574e-3f);
+  p = p * f + splat(9.618437357674640e-3f);
+  p = p * f + splat(5.550332471162809e-2f);
+  p = p * f + splat(2.402264791363012e-1f);
+  p = p * f + splat(6.931472028550421e-1f);
+  p = p * f + splat(1.0f);
+  VI bits;
+  std::memcpy(&bits, &t, sizeof(V));
+  bits = (bits << 23) + (127 << 23);  // the low bits of t hold n; shifted, the rest of t's bits fall off
   V scale;
   std::memcpy(&scale, &bits, sizeof(V));
   return p * scale;
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+
+// Cache lines of `rows` rows of `width` floats, `stride` floats apart: the next keys' rows, fetched while the
+// current ones are multiplied (streaming them from L2 cost 10-15% of the score micro-kernel's time).
+inline void prefetch_rows(const float* p, int64_t stride, int rows, int64_t width) {
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < width; c += 64 / sizeof(float)) __builtin_prefetch(p + r * stride + c);
+    __builtin_prefetch(p + r * stride + width - 1);
+  }
 }
 
 struct Shape {
@@ -84,9 +136,9 @@ struct Scratch {
   float* base;
 };
 
-// S^T[j, :] = sum_c K[j, c] Q^T[c, :] for R keys at once (R x kQV accumulators); returns their max per query.
+// S^T[j, :] = sum_c K[j, c] Q^T[c, :] for R keys at once (R x kQV accumulators).
 template <int R>
-inline void scores(const float* k, int64_t kstride, const float* qt, int64_t d, float* s, V* tmax) {
+inline void scores(const float* k, int64_t kstride, const float* qt, int64_t d, float* s) {
   V acc[R][kQV];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < kQV; ++u) acc[r][u] = V{};
@@ -99,10 +151,7 @@ inline void scores(const float* k, int64_t kstride, const float* qt, int64_t d, 
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < kQV; ++u) {
-      store(s + r * kQ + u * kW, acc[r][u]);
-      tmax[u] = vmax(tmax[u], acc[r][u]);
-    }
+    for (int u = 0; u < kQV; ++u) store(s + r * kQ + u * kW, acc[r][u]);
 }
 
 // O^T[c, :] += sum_j V[j, c] P^T[j, :] for C channels at once, over the tile's nk keys.
@@ -128,7 +177,7 @@ void block(const Shape& sh, const float* q, const float* k, const float* v, floa
            int64_t h, int64_t i0, Scratch& w) {
   const int64_t d = sh.d, dv = sh.dv, heads = sh.heads;
   const int64_t nq = std::min<int64_t>(kQ, sh.lq - i0);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const float scale = kLog2e / std::sqrt(static_cast<float>(d));  // base-2 scores
   // Q^T, scaled, with the block's missing queries zero (their results are not written).
   if (nq < kQ) std::fill(w.qt, w.qt + d * kQ, 0.0f);
   for (int64_t i = 0; i < nq; ++i) {
@@ -146,21 +195,28 @@ void block(const Shape& sh, const float* q, const float* k, const float* v, floa
   const float* vh = v + (b * sh.lk * heads + h) * dv;
   for (int64_t j0 = 0; j0 < sh.lk; j0 += kK) {
     const int64_t nk = std::min<int64_t>(kK, sh.lk - j0);
+    int64_t j = 0;
+    for (; j + kR <= nk; j += kR) {
+      const int64_t next = j0 + j + kR;
+      if (next + kR <= sh.lk) prefetch_rows(kh + next * kstride, kstride, kR, d);
+      prefetch_rows(vh + (j0 + j) * vstride, vstride, kR, dv);  // for O^T below
+      scores<kR>(kh + (j0 + j) * kstride, kstride, w.qt, d, w.s + j * kQ);
+    }
+    for (; j < nk; ++j) scores<1>(kh + (j0 + j) * kstride, kstride, w.qt, d, w.s + j * kQ);
+    // Online softmax: rescale what was summed under the old max, exponentiate the tile under the new one.
     V tmax[kQV];
     for (int u = 0; u < kQV; ++u) tmax[u] = m[u];
-    int64_t j = 0;
-    for (; j + 4 <= nk; j += 4) scores<4>(kh + (j0 + j) * kstride, kstride, w.qt, d, w.s + j * kQ, tmax);
-    for (; j < nk; ++j) scores<1>(kh + (j0 + j) * kstride, kstride, w.qt, d, w.s + j * kQ, tmax);
-    // Online softmax: rescale what was summed under the old max, exponentiate the tile under the new one.
+    for (int64_t jj = 0; jj < nk; ++jj)
+      for (int u = 0; u < kQV; ++u) tmax[u] = vmax(tmax[u], load(w.s + jj * kQ + u * kW));
     V alpha[kQV];
     for (int u = 0; u < kQV; ++u) {
-      alpha[u] = vexp(m[u] - tmax[u]);
+      alpha[u] = vexp2(m[u] - tmax[u]);
       m[u] = tmax[u];
     }
     V sum[kQV] = {};
     for (int64_t jj = 0; jj < nk; ++jj)
       for (int u = 0; u < kQV; ++u) {
-        V p = vexp(load(w.s + jj * kQ + u * kW) - m[u]);
+        V p = vexp2(load(w.s + jj * kQ + u * kW) - m[u]);
         store(w.s + jj * kQ + u * kW, p);
         sum[u] += p;
       }
@@ -170,7 +226,7 @@ void block(const Shape& sh, const float* q, const float* k, const float* v, floa
         for (int u = 0; u < kQV; ++u) store(w.ot + c * kQ + u * kW, load(w.ot + c * kQ + u * kW) * alpha[u]);
     const float* vt = vh + j0 * vstride;
     int64_t c = 0;
-    for (; c + 4 <= dv; c += 4) accumulate<4>(vt + c, vstride, w.s, nk, w.ot + c * kQ);
+    for (; c + kC <= dv; c += kC) accumulate<kC>(vt + c, vstride, w.s, nk, w.ot + c * kQ);
     for (; c < dv; ++c) accumulate<1>(vt + c, vstride, w.s, nk, w.ot + c * kQ);
   }
   float inv[kQ], lm[kQ], ll[kQ];
@@ -180,7 +236,7 @@ void block(const Shape& sh, const float* q, const float* k, const float* v, floa
     store(ll + u * kW, l[u]);
   }
   float* lse_h = lse + (b * heads + h) * sh.lq + i0;
-  for (int64_t i = 0; i < nq; ++i) lse_h[i] = lm[i] + std::log(ll[i]);
+  for (int64_t i = 0; i < nq; ++i) lse_h[i] = (lm[i] + std::log2(ll[i])) * kLn2;  // natural log
   for (int64_t i = 0; i < nq; ++i) {
     float* oi = out + ((b * sh.lq + i0 + i) * heads + h) * dv;
     for (int64_t c = 0; c < dv; ++c) oi[c] = w.ot[c * kQ + i] * inv[i];
@@ -254,6 +310,13 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 }
 
 }  // namespace
+
+// What this build is, for the logs and the tests: "width=16 queries=96 keys=64 registers=32".
+extern "C" const char* EliteCpuAttentionConfig() {
+  static char text[96];
+  std::snprintf(text, sizeof(text), "width=%d queries=%d keys=%d registers=%d", kW, kQ, kK, kRegisters);
+  return text;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EliteCpuAttention, Attention,
                               ffi::Ffi::Bind()
