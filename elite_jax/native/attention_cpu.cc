@@ -180,10 +180,11 @@ void block(const Shape& sh, const float* q, const float* k, const float* v, floa
   const float scale = kLog2e / std::sqrt(static_cast<float>(d));  // base-2 scores
   // Q^T, scaled, with the block's missing queries zero (their results are not written).
   if (nq < kQ) std::fill(w.qt, w.qt + d * kQ, 0.0f);
-  for (int64_t i = 0; i < nq; ++i) {
-    const float* qi = q + ((b * sh.lq + i0 + i) * heads + h) * d;
-    for (int64_t c = 0; c < d; ++c) w.qt[c * kQ + i] = qi[c] * scale;
-  }
+  // Loads strided, stores contiguous (the other order stored to a new cache line at every element: 10-20% of a
+  // block with 160-wide heads over 77 keys).
+  const float* qb = q + ((b * sh.lq + i0) * heads + h) * d;
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t i = 0; i < nq; ++i) w.qt[c * kQ + i] = qb[i * heads * d + c] * scale;
   std::fill(w.ot, w.ot + dv * kQ, 0.0f);
   V m[kQV], l[kQV];
   for (int u = 0; u < kQV; ++u) {
@@ -193,8 +194,12 @@ void block(const Shape& sh, const float* q, const float* k, const float* v, floa
   const int64_t kstride = heads * d, vstride = heads * sh.dv;
   const float* kh = k + (b * sh.lk * heads + h) * d;
   const float* vh = v + (b * sh.lk * heads + h) * dv;
-  for (int64_t j0 = 0; j0 < sh.lk; j0 += kK) {
-    const int64_t nk = std::min<int64_t>(kK, sh.lk - j0);
+  // Tiles of equal size (a multiple of kR up to kK): 77 text tokens are 2 x 39 keys, not 64 + 13, whose short
+  // second tile spent more on its micro-kernels' set-up than on their loops.
+  const int64_t tiles = (sh.lk + kK - 1) / kK;
+  const int64_t tile = std::min<int64_t>(kK, ((sh.lk + tiles - 1) / tiles + kR - 1) / kR * kR);
+  for (int64_t j0 = 0; j0 < sh.lk; j0 += tile) {
+    const int64_t nk = std::min<int64_t>(tile, sh.lk - j0);
     int64_t j = 0;
     for (; j + kR <= nk; j += kR) {
       const int64_t next = j0 + j + kR;
