@@ -19,7 +19,6 @@ import contextvars
 import hashlib
 import html
 import random
-import sys
 import time
 import warnings
 from typing import Any
@@ -271,8 +270,3 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, 
   app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, show_error=True,
              ssr_mode=False, theme=gr.themes.Default(**THEME_FONTS), footer_links=["api"])
   return app.share_url if share else app.local_url
-
-
-if __name__ == "__main__":  # python -m elite_jax.demo is the elite-demo command
-  from elite_jax.cli.demo import main  # here only: the library does not import the commands
-  sys.exit(main())

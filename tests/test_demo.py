@@ -139,7 +139,7 @@ def test_api_bad_input_is_a_message_and_the_app_keeps_serving(served, tmp_path):
 
 
 def test_command_flags_and_bad_input(capsys):
-  proc = subprocess.run([sys.executable, "-m", "elite_jax.demo", "--help"], capture_output=True, text=True,
+  proc = subprocess.run([sys.executable, "-m", "elite_jax.cli.demo", "--help"], capture_output=True, text=True,
                         timeout=300, cwd=REPO)
   assert proc.returncode == 0 and "--share" in proc.stdout and "--global-mapper" in proc.stdout
   assert cli_demo.main(["--random-weights", "--port", "0"]) == 2

@@ -3,8 +3,8 @@
   elite-demo --global-mapper checkpoints/global_mapper.pt --local-mapper checkpoints/local_mapper.pt
   elite-demo --random-weights            # offline, tiny random models (the page says RANDOM WEIGHTS)
 
-(``python -m elite_jax.demo`` is the same command.) The model flags are those of elite-infer; the generation flags set
-the page's starting values. --share asks Gradio for a public link (what Colab needs). Needs the demo extra:
+(``python -m elite_jax.cli.demo`` is the same command.) The model flags are those of elite-infer; the generation
+flags set the page's starting values. --share asks Gradio for a public link (what Colab needs). Needs the demo extra:
 pip install "elite-jax[demo]".
 """
 
