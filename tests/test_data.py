@@ -502,6 +502,7 @@ def test_loader_all_records_failing_raises(built, tokenizer, monkeypatch):
       next(loader)
 
 
+@pytest.mark.full
 def test_loader_worker_processes(built, tokenizer):
   """grain worker processes give the same stream as threads alone, and the state moves between the two."""
   kwargs = dict(tokenizer=tokenizer, batch_size=2, resolution=RES, seed=4, process_index=0, process_count=1)

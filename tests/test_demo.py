@@ -175,6 +175,7 @@ def _chromium():
   return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
 
 
+@pytest.mark.full
 def test_browser_upload_paint_run(served, tmp_path):
   _need("selenium")
   from selenium.webdriver.common.action_chains import ActionChains

@@ -22,6 +22,9 @@ from elite_jax.errors import InputError
 from elite_jax.train import checkpoint, loop
 from tests.test_train import PHOTOS, load_config, metrics
 
+# Real training processes, several per test: the full tier (README, "Set up").
+pytestmark = pytest.mark.full
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 RUN = ["--config.mesh.data=1", "--config.checkpoint_every=1", "--config.keep_checkpoints=2", "--config.export_every=3",

@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+# Real training processes, several per test: the full tier (README, "Set up").
+pytestmark = pytest.mark.full
+
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--config.multihost=True", "--config.batch_size=16", "--config.grad_accum=2", "--config.checkpoint_every=2",
           "--config.log_every=1", "--config.distributed.peer_timeout=5", "--config.distributed.heartbeat_timeout=30"]

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "elite_colab.ipynb"
 
 
+@pytest.mark.full
 def test_notebook_runs_offline_with_random_weights(tmp_path, monkeypatch):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   settings = nb.cells[1].source

@@ -33,6 +33,7 @@ def swept(tmp_path_factory):
   return root, sweep_lib.run_sweep(_sweep(), root)
 
 
+@pytest.mark.full
 def test_sweep_table_plots_and_held_out_loss(swept):
   root, results = swept
   assert [r["stage"] for r in results] == [1, 2]
@@ -58,6 +59,7 @@ def test_sweep_table_plots_and_held_out_loss(swept):
       assert Image.open(root / f"val_loss_vs_{what}_stage{stage}.png").size == (900, 600)
 
 
+@pytest.mark.full
 def test_sweep_resumes_without_retraining(swept):
   root, results = swept
   def refuse(cfg, folder):

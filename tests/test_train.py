@@ -51,6 +51,7 @@ def openimages(tmp_path_factory):
   return write_openimages(tmp_path_factory.mktemp("oi") / "open_images")
 
 
+@pytest.mark.full
 def test_two_stages_on_openimages_then_infer_and_export(openimages, tmp_path):
   w1, w2 = tmp_path / "stage1", tmp_path / "stage2"
   over = {"data.builder": "openimages", "data.manual_dir": str(openimages), "num_train_steps": 4,
@@ -84,6 +85,7 @@ def test_two_stages_on_openimages_then_infer_and_export(openimages, tmp_path):
   assert any(k.endswith("attn2_to_k.weight") for k in state)
 
 
+@pytest.mark.full
 def test_overfitting_a_handful_of_examples(tmp_path):
   """On two photos the training loss, measured with fixed noise before and after, falls clearly."""
   photos = tmp_path / "photos"
@@ -122,6 +124,7 @@ def test_batches_match_the_declared_spec(tmp_path):
       assert batch[k].shape == (2,) + shape and batch[k].dtype == dtype, k
 
 
+@pytest.mark.full
 def test_exact_resume_and_a_new_mesh(tmp_path):
   over = {"num_train_steps": 6, "checkpoint_every": 3}
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -143,6 +146,7 @@ def test_exact_resume_and_a_new_mesh(tmp_path):
     assert abs(ra["loss"] - rc["loss"]) < 1e-4 * abs(ra["loss"])
 
 
+@pytest.mark.full
 def test_sigterm_saves_and_resume_completes(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_stage1.py"),
@@ -168,6 +172,7 @@ def test_sigterm_saves_and_resume_completes(tmp_path):
   assert [r["step"] for r in metrics(workdir)] == list(range(1, saved[0] + 3))
 
 
+@pytest.mark.full
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   loop.train(load_config("tiny_stage1", num_train_steps=2, checkpoint_every=2), workdir)
@@ -181,6 +186,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
   assert loop.train(load_config("tiny_stage1", num_train_steps=3, checkpoint_every=2), workdir)["step"] == 3
 
 
+@pytest.mark.full
 def test_corrupt_record_at_train_time_is_skipped_and_counted(tmp_path, monkeypatch):
   real = data.records.decode_png
   calls = {"n": 0}
@@ -196,6 +202,7 @@ def test_corrupt_record_at_train_time_is_skipped_and_counted(tmp_path, monkeypat
   assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))
 
 
+@pytest.mark.full
 def test_workdir_from_another_run_and_bad_data(tmp_path):
   workdir = tmp_path / "run"
   loop.train(load_config("tiny_stage1", num_train_steps=2, checkpoint_every=2), workdir)
@@ -211,6 +218,7 @@ def test_workdir_from_another_run_and_bad_data(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'no_such_key'")
 
 
+@pytest.mark.full
 def test_samples_and_periodic_exports(tmp_path):
   """Every samples.every steps a grid of the fixed photo and prompts (the pipeline's own images with that step's
   mapper); every export_every steps a mapper, ours and the official .pt."""
@@ -235,6 +243,7 @@ def test_samples_and_periodic_exports(tmp_path):
   assert list(state)[0] == "mapping_0.0.weight"
 
 
+@pytest.mark.full
 def test_memory_estimate_stops_a_step_that_cannot_fit(tmp_path, capsys):
   with pytest.raises(InputError, match="the train step needs .* GiB per device but 0.00 GiB are available"):
     loop.train(load_config("tiny_stage1", memory_limit_gb=1e-4), tmp_path / "run")

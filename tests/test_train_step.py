@@ -220,6 +220,7 @@ def _run_steps(cfg, mesh, n, stage=1):
   return state, metrics, program.state_shardings
 
 
+@pytest.mark.full
 def test_sharded_step_equals_single_device(folders):
   root = folders[0]
   cfg = _config(root, 1, batch_size=8, grad_accum=2, shard_frozen=True)
@@ -235,6 +236,7 @@ def test_sharded_step_equals_single_device(folders):
   assert max(jax.tree.leaves(moved)) < 0.05
 
 
+@pytest.mark.full
 def test_wide_mapper_tensor_parallel(folders):
   """A mapper 4x wider than ELITE's proportions (hidden 4 x input width) trains with its hidden axis split 8 ways,
   and its steps equal those on one device."""
@@ -255,6 +257,7 @@ def test_wide_mapper_tensor_parallel(folders):
       assert abs(a[k] - b[k]) < 2e-5 * abs(a[k]), k
 
 
+@pytest.mark.full
 def test_remat_and_mixed_precision(folders):
   """Rematerialisation changes memory, not numbers; bfloat16 frozen weights and compute stay close to float32."""
   root = folders[0]
@@ -269,6 +272,7 @@ def test_remat_and_mixed_precision(folders):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))  # float32 master weights
 
 
+@pytest.mark.full
 def test_stage2_w0_group_does_not_follow_the_mesh(folders, stage1_mapper):
   """Stage 2's w0-map max spans config.quirks.w0_max_group samples, whatever the mesh: 1 device = 8 devices."""
   cfg = _config(folders[0], 2, batch_size=16, global_mapper=stage1_mapper)
@@ -284,6 +288,7 @@ def test_stage2_w0_group_does_not_follow_the_mesh(folders, stage1_mapper):
                               **{"quirks.w0_max_group": 4}), sharding.make_mesh(data=8))
 
 
+@pytest.mark.full
 def test_warm_start_from_a_mapper_file(folders, stage1_mapper):
   """config.init_global_mapper: the state starts as the file's mapper, and the first step's loss is that mapper's."""
   cfg = _config(folders[0], 1, init_global_mapper=stage1_mapper)
@@ -303,6 +308,7 @@ def test_warm_start_from_a_mapper_file(folders, stage1_mapper):
                       sharding.make_mesh(devices=jax.devices()[:1]))
 
 
+@pytest.mark.full
 def test_matmul_precision_reaches_the_step(folders):
   """config.matmul_precision is in the compiled step (XLA:CPU computes float32 in full precision either way)."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
