@@ -9,16 +9,18 @@ residual stream (no post layer norm, spec 1.1).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from elite_jax.errors import InputError
-from elite_jax.models import attention as kernels
 from elite_jax.models import layers
+from elite_jax.models.layers import EMBED, MLP
 from elite_jax.models.scan import layer_stack
-from elite_jax.models.layers import EMBED, HEADS, MLP
+from elite_jax.models.transformer import CLIP_BLOCK, Block, Tree
+from elite_jax.models.vit import Layout, VisionConfig, VisionTransformer
 from elite_jax.types import Dtype, Params
 
 
@@ -36,8 +38,16 @@ class CLIPTextConfig:
   projection_dim: int = 512
 
 
+# transformers' CLIPVisionModel (SigLIP's vision tower takes CLIP's names too: models/encoders.py).
+CLIP_LAYOUT = Layout(family="clip", title="CLIP", block=CLIP_BLOCK, patch=("embeddings", "patch_embedding"),
+                     patch_bias=False, pos=("embeddings", "position_embedding", "embedding"),
+                     cls=("embeddings", "class_embedding"), flat_tokens=True, pre_norm=("pre_layrnorm",),
+                     final_norm=("post_layernorm",), pool_cls=True)
+
+
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(VisionConfig):
+  layout: ClassVar[Layout] = CLIP_LAYOUT
   image_size: int = 224
   patch_size: int = 14
   num_channels: int = 3
@@ -48,10 +58,6 @@ class CLIPVisionConfig:
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
   projection_dim: int = 768
-
-  @property
-  def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
 
 
 def _from_dict(cls, cfg: dict):
@@ -75,77 +81,6 @@ def vision_config_from_transformers(cfg: dict) -> CLIPVisionConfig:
   if cfg.get("model_type") not in (None, "clip_vision_model", "clip"):
     raise InputError(f"image encoder config: model_type {cfg.get('model_type')!r} is not a CLIP vision model")
   return _from_dict(CLIPVisionConfig, cfg)
-
-
-class CLIPAttention(nn.Module):
-  hidden: int
-  heads: int
-  dtype: Dtype = jnp.float32
-  attention_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
-    proj = lambda name: layers.dense(self.hidden, (EMBED, HEADS), dtype=self.dtype, name=name)
-    q, k, v = (kernels.split_heads(proj(n)(x), self.heads) for n in ("q_proj", "k_proj", "v_proj"))
-    out = kernels.dot_product_attention(q, k, v, causal=causal, implementation=self.attention_impl)
-    return layers.dense(self.hidden, (HEADS, EMBED), dtype=self.dtype, name="out_proj")(kernels.merge_heads(out))
-
-
-class CLIPMLP(nn.Module):
-  hidden: int
-  intermediate: int
-  act: str
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = layers.dense(self.intermediate, (EMBED, MLP), dtype=self.dtype, name="fc1")(x)
-    return layers.dense(self.hidden, (MLP, EMBED), dtype=self.dtype, name="fc2")(layers.activation(self.act)(h))
-
-
-class CLIPEncoderLayer(nn.Module):
-  hidden: int
-  intermediate: int
-  heads: int
-  act: str
-  eps: float
-  dtype: Dtype = jnp.float32
-  attention_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
-    ln = lambda name: layers.layer_norm(self.eps, dtype=self.dtype, name=name)
-    x = x + CLIPAttention(self.hidden, self.heads, self.dtype, self.attention_impl, name="self_attn")(
-        ln("layer_norm1")(x), causal)
-    return x + CLIPMLP(self.hidden, self.intermediate, self.act, self.dtype, name="mlp")(ln("layer_norm2")(x))
-
-
-class CLIPEncoder(nn.Module):
-  hidden: int
-  intermediate: int
-  heads: int
-  num_layers: int
-  act: str
-  eps: float
-  dtype: Dtype = jnp.float32
-  attention_impl: str = "auto"
-  scan: bool = False  # one nn.scan over the layers (elite_jax.models.scan); not for the causal text tower
-
-  @nn.compact
-  def __call__(self, x: jax.Array, causal: bool = False) -> tuple[jax.Array, ...]:
-    """Returns (input, output of layer 1, ..., output of layer n), as transformers' hidden_states."""
-    if self.scan:
-      if causal:
-        raise ValueError("scanned CLIP layers are for the (non-causal) vision tower")
-      kw = dict(hidden=self.hidden, intermediate=self.intermediate, heads=self.heads, act=self.act, eps=self.eps,
-                dtype=self.dtype, attention_impl=self.attention_impl)
-      return layer_stack(CLIPEncoderLayer, kw, self.num_layers, x, scan=True, name="layers")
-    states = [x]
-    for i in range(self.num_layers):
-      x = CLIPEncoderLayer(self.hidden, self.intermediate, self.heads, self.act, self.eps, self.dtype,
-                           self.attention_impl, name=f"layers_{i}")(x, causal)
-      states.append(x)
-    return tuple(states)
 
 
 def inject_words(token_embeds: jax.Array, words: jax.Array, index: jax.Array) -> jax.Array:
@@ -190,9 +125,11 @@ class CLIPTextTransformer(nn.Module):
                index: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     cfg = self.config
     x = CLIPTextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids, words, index)
-    x = CLIPEncoder(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers,
-                    cfg.hidden_act, cfg.layer_norm_eps, self.dtype, self.attention_impl, name="encoder")(
-                        x, causal=True)[-1]
+    kw = dict(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, heads=cfg.num_attention_heads,
+              act=cfg.hidden_act, eps=cfg.layer_norm_eps, names=CLIP_BLOCK, causal=True, dtype=self.dtype,
+              attention_impl=self.attention_impl)
+    x = Tree(self).at(("encoder",), lambda m, x: layer_stack(Block, kw, cfg.num_hidden_layers, x, scan=False,
+                                                             name="layers"), x)[-1]
     x = layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
     if cfg.eos_token_id == 2:
       eos = jnp.argmax(input_ids, axis=-1)
@@ -207,55 +144,13 @@ class CLIPTextTransformer(nn.Module):
     return jax.eval_shape(lambda i: self.init(jax.random.key(0), i), ids)["params"]
 
 
-class CLIPVisionEmbeddings(nn.Module):
-  config: CLIPVisionConfig
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, pixels: jax.Array) -> jax.Array:
-    cfg = self.config
-    p = cfg.patch_size
-    x = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                         (None, None, layers.CONV_IN, layers.CONV_OUT)),
-                name="patch_embedding")(pixels.astype(self.dtype))
-    b = x.shape[0]
-    x = x.reshape(b, -1, cfg.hidden_size)  # row-major over the patch grid, as torch's flatten(2)
-    cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), (EMBED,)),
-                     (cfg.hidden_size,))
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.hidden_size)), x], axis=1)
-    pos = layers.embed(cfg.num_patches + 1, cfg.hidden_size, dtype=self.dtype, name="position_embedding")
-    return x + pos(jnp.arange(cfg.num_patches + 1))[None]
-
-
-class CLIPVisionTransformer(nn.Module):
+class CLIPVisionTransformer(VisionTransformer):
   """pixels NHWC (B, 224, 224, 3), CLIP-normalised -> (hidden_states tuple of n+1 (B, 257, C), pooled (B, C)).
 
   hidden_states[0] is the pre-layer-normed embedding and hidden_states[k] the output of layer k; the last one is
   transformers' last_hidden_state (no post layer norm). pooled = post_layernorm(last[:, 0]).
   ``scan_layers``: the encoder layers as one nn.scan (parameters ``encoder/layers`` stacked, see models/scan.py).
   """
-  config: CLIPVisionConfig
-  dtype: Dtype = jnp.float32
-  attention_impl: str = "auto"
-  scan_layers: bool = False
-
-  @nn.compact
-  def __call__(self, pixels: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    cfg = self.config
-    x = CLIPVisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels)
-    x = layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="pre_layrnorm")(x)
-    states = CLIPEncoder(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers,
-                         cfg.hidden_act, cfg.layer_norm_eps, self.dtype, self.attention_impl, self.scan_layers,
-                         name="encoder")(x)
-    pooled = layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(states[-1][:, 0])
-    return states, pooled
-
-  def param_shapes(self) -> Params:
-    """The parameter tree as boxed ShapeDtypeStructs (nothing is allocated)."""
-    cfg = self.config
-    pixels = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
-    return jax.eval_shape(lambda x: self.init(jax.random.key(0), x), pixels)["params"]
 
 
 class CLIPModel(nn.Module):

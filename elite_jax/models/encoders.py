@@ -21,32 +21,42 @@ attention-pooling ``head`` is not used). Each has ``scan_layers`` (models/scan.p
 from __future__ import annotations
 
 import dataclasses
-import functools
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from elite_jax.errors import InputError
-from elite_jax.models import layers
-from elite_jax.models.clip import CLIPEncoder, CLIPVisionConfig, CLIPVisionTransformer
-from elite_jax.models.layers import EMBED
-from elite_jax.models import scan
-from elite_jax.models.scan import layer_stack
-from elite_jax.models.vit import ViTAttention, ViTPatchEmbeddings
-from elite_jax.types import Dtype, Params
+from elite_jax.models import layers, scan
+from elite_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+from elite_jax.models.transformer import CLIP_BLOCK, DINOV2_BLOCK
+from elite_jax.models.vit import (  # noqa: F401
+  Layout,
+  VisionConfig,
+  VisionTransformer,
+  torch_bicubic_matrix,
+)
+from elite_jax.types import Params
 
 FAMILIES = ("clip", "dinov2", "siglip")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DINOv2
+# DINOv2: transformers' Dinov2Model / Dinov2WithRegistersModel
 # ---------------------------------------------------------------------------------------------------------------
 
+DINOV2_LAYOUT = Layout(family="dinov2", title="DINOv2", block=DINOV2_BLOCK,
+                       patch=("embeddings", "patch_embeddings", "projection"), patch_bias=True,
+                       pos=("embeddings", "position_embeddings"), cls=("embeddings", "cls_token"),
+                       registers=("embeddings", "register_tokens"), layers=("encoder", "layer"),
+                       final_norm=("layernorm",))
+
+
 @dataclasses.dataclass(frozen=True)
-class Dinov2Config:
+class Dinov2Config(VisionConfig):
   """transformers' Dinov2Config / Dinov2WithRegistersConfig fields that shape the model (defaults: dinov2-base)."""
+  layout: ClassVar[Layout] = DINOV2_LAYOUT
   image_size: int = 518  # the checkpoint's position-embedding grid (518 / 14 = 37 a side)
   patch_size: int = 14
   num_channels: int = 3
@@ -69,8 +79,9 @@ class Dinov2Config:
     return int(self.hidden_size * self.mlp_ratio)
 
   @property
-  def num_patches(self) -> int:
-    return (self.pixels // self.patch_size) ** 2
+  def interpolation(self) -> str:
+    # transformers resamples with antialias in the registers model only.
+    return "bicubic-antialias" if self.num_register_tokens else "bicubic"
 
   @classmethod
   def from_transformers(cls, cfg: dict, input_size: int = 0) -> "Dinov2Config":
@@ -84,145 +95,23 @@ class Dinov2Config:
     return cls(**kwargs, input_size=int(input_size))
 
 
-def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-  x = np.abs(x)
-  return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                  np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
-
-
-@functools.lru_cache(maxsize=None)
-def torch_bicubic_matrix(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
-  """(out, in) weights of ``F.interpolate(mode="bicubic", align_corners=False[, antialias=True])`` along one axis.
-
-  Without antialias: Keys' a = -0.75 at src = (dst + 0.5) * in / out - 0.5, borders clamped. With antialias (the
-  PIL-style filter torch uses): a = -0.5, support widened by the downscale factor, weights normalised.
-  """
-  scale = in_size / out_size
-  w = np.zeros((out_size, in_size), np.float64)
-  for o in range(out_size):
-    if not antialias:
-      x = (o + 0.5) * scale - 0.5
-      i0 = int(np.floor(x))
-      t = x - i0
-      for j, d in zip(range(i0 - 1, i0 + 3), (1 + t, t, 1 - t, 2 - t)):
-        w[o, min(max(j, 0), in_size - 1)] += _cubic(np.asarray(d), -0.75)
-    else:
-      support = 2.0 * max(scale, 1.0)
-      center = scale * (o + 0.5)
-      lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
-      js = np.arange(lo, hi)
-      k = _cubic((js - center + 0.5) / max(scale, 1.0), -0.5)
-      w[o, lo:hi] = k / k.sum()
-  return w.astype(np.float32)
-
-
-class Dinov2Layer(nn.Module):
-  config: Dinov2Config
-  dtype: Dtype = jnp.float32
-  attention_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    cfg = self.config
-    ln = lambda name: layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name=name)
-    scale = lambda name: _LayerScale(cfg.hidden_size, name=name)
-    x = x + scale("layer_scale1")(ViTAttention(cfg, self.dtype, self.attention_impl, name="attention")(
-        ln("norm1")(x)))
-    h = ln("norm2")(x)
-    h = _Mlp(cfg.intermediate_size, cfg.hidden_size, cfg.hidden_act, self.dtype, name="mlp")(h)
-    return x + scale("layer_scale2")(h)
-
-
-class _LayerScale(nn.Module):
-  features: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    lam = self.param("lambda1", nn.with_logical_partitioning(nn.initializers.ones_init(), (layers.NORM,)),
-                     (self.features,))
-    return x * lam.astype(x.dtype)
-
-
-class _Mlp(nn.Module):
-  intermediate: int
-  hidden: int
-  act: str
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = layers.dense(self.intermediate, (EMBED, layers.MLP), dtype=self.dtype, name="fc1")(x)
-    return layers.dense(self.hidden, (layers.MLP, EMBED), dtype=self.dtype, name="fc2")(layers.activation(self.act)(h))
-
-
-class _Dinov2Encoder(nn.Module):
-  config: Dinov2Config
-  dtype: Dtype = jnp.float32
-  attention_impl: str = "auto"
-  scan: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    kw = dict(config=self.config, dtype=self.dtype, attention_impl=self.attention_impl)
-    return layer_stack(Dinov2Layer, kw, self.config.num_hidden_layers, x, scan=self.scan, name="layer")
-
-
-class Dinov2Embeddings(nn.Module):
-  config: Dinov2Config
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, pixels: jax.Array) -> jax.Array:
-    cfg = self.config
-    if pixels.shape[1:3] != (cfg.pixels, cfg.pixels):
-      raise InputError(f"this DINOv2 takes {cfg.pixels}x{cfg.pixels} images, got {pixels.shape[2]}x{pixels.shape[1]}")
-    x = ViTPatchEmbeddings(cfg, self.dtype, name="patch_embeddings")(pixels)
-    init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
-    cls = self.param("cls_token", init((None, None, EMBED)), (1, 1, cfg.hidden_size))
-    n_pos = (cfg.image_size // cfg.patch_size) ** 2
-    pos = self.param("position_embeddings", init((None, None, EMBED)), (1, n_pos + 1, cfg.hidden_size))
-    pos = pos.astype(jnp.float32)
-    side, grid = cfg.image_size // cfg.patch_size, cfg.pixels // cfg.patch_size
-    if grid != side:
-      # transformers resamples the position grid to the input's, in float32 (with antialias in the registers model).
-      m = jnp.asarray(torch_bicubic_matrix(side, grid, cfg.num_register_tokens > 0))
-      patch = pos[0, 1:].reshape(side, side, -1)
-      patch = jnp.einsum("ai,bj,ijc->abc", m, m, patch, precision=jax.lax.Precision.HIGHEST)
-      pos = jnp.concatenate([pos[:, :1], patch.reshape(1, grid * grid, -1)], axis=1)
-    b = x.shape[0]
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.hidden_size)), x], axis=1)
-    x = x + pos.astype(x.dtype)
-    if cfg.num_register_tokens:
-      reg = self.param("register_tokens", init((None, None, EMBED)), (1, cfg.num_register_tokens, cfg.hidden_size))
-      x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg.astype(x.dtype), (b,) + reg.shape[1:]), x[:, 1:]], axis=1)
-    return x
-
-
-class Dinov2Model(nn.Module):
+class Dinov2Model(VisionTransformer):
   """pixels (B, S, S, 3) -> (hidden_states: n + 1 of (B, 1 + R + P, C), last_hidden_state layer-normed)."""
-  config: Dinov2Config
-  dtype: Dtype = jnp.float32
-  attention_impl: str = "auto"
-  scan_layers: bool = False
-
-  @nn.compact
-  def __call__(self, pixels: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    cfg = self.config
-    x = Dinov2Embeddings(cfg, self.dtype, name="embeddings")(pixels)
-    states = _Dinov2Encoder(cfg, self.dtype, self.attention_impl, self.scan_layers, name="encoder")(x)
-    return states, layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="layernorm")(states[-1])
-
-  def param_shapes(self) -> Params:
-    return _param_shapes(self)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# SigLIP
+# SigLIP: transformers' SiglipVisionModel
 # ---------------------------------------------------------------------------------------------------------------
+
+SIGLIP_LAYOUT = Layout(family="siglip", title="SigLIP", block=CLIP_BLOCK, patch=("embeddings", "patch_embedding"),
+                       patch_bias=True, pos=("embeddings", "position_embedding", "embedding"), flat_tokens=True,
+                       final_norm=("post_layernorm",))
+
 
 @dataclasses.dataclass(frozen=True)
-class SiglipVisionConfig:
+class SiglipVisionConfig(VisionConfig):
   """transformers' SiglipVisionConfig (defaults: siglip-base-patch16-224)."""
+  layout: ClassVar[Layout] = SIGLIP_LAYOUT
   image_size: int = 224
   patch_size: int = 16
   num_channels: int = 3
@@ -232,10 +121,6 @@ class SiglipVisionConfig:
   num_attention_heads: int = 12
   hidden_act: str = "gelu_pytorch_tanh"
   layer_norm_eps: float = 1e-6
-
-  @property
-  def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
 
   @classmethod
   def from_transformers(cls, cfg: dict) -> "SiglipVisionConfig":
@@ -249,52 +134,8 @@ class SiglipVisionConfig:
     return cls(**kwargs)
 
 
-class SiglipVisionModel(nn.Module):
+class SiglipVisionModel(VisionTransformer):
   """pixels (B, S, S, 3) -> (hidden_states: n + 1 of (B, P, C), post-layernormed last_hidden_state)."""
-  config: SiglipVisionConfig
-  dtype: Dtype = jnp.float32
-  attention_impl: str = "auto"
-  scan_layers: bool = False
-
-  @nn.compact
-  def __call__(self, pixels: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    cfg = self.config
-    x = _SiglipEmbeddings(cfg, self.dtype, name="embeddings")(pixels)
-    states = CLIPEncoder(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers,
-                         cfg.hidden_act, cfg.layer_norm_eps, self.dtype, self.attention_impl, self.scan_layers,
-                         name="encoder")(x)
-    return states, layers.layer_norm(cfg.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(states[-1])
-
-  def param_shapes(self) -> Params:
-    return _param_shapes(self)
-
-
-class _SiglipEmbeddings(nn.Module):
-  config: SiglipVisionConfig
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, pixels: jax.Array) -> jax.Array:
-    cfg = self.config
-    if pixels.shape[1:3] != (cfg.image_size, cfg.image_size):
-      raise InputError(f"this SigLIP takes {cfg.image_size}x{cfg.image_size} images, got "
-                       f"{pixels.shape[2]}x{pixels.shape[1]}")
-    p = cfg.patch_size
-    x = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                         (None, None, layers.CONV_IN, layers.CONV_OUT)),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (layers.CONV_OUT,)),
-                name="patch_embedding")(pixels.astype(self.dtype))
-    x = x.reshape(x.shape[0], -1, cfg.hidden_size)
-    pos = layers.embed(cfg.num_patches, cfg.hidden_size, dtype=self.dtype, name="position_embedding")
-    return x + pos(jnp.arange(cfg.num_patches))[None]
-
-
-def _param_shapes(module: nn.Module) -> Params:
-  cfg = module.config
-  size = getattr(cfg, "pixels", cfg.image_size)
-  pixels = jax.ShapeDtypeStruct((1, size, size, cfg.num_channels), jnp.float32)
-  return jax.eval_shape(lambda x: module.init(jax.random.key(0), x), pixels)["params"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,18 +146,15 @@ ImageEncoder = CLIPVisionTransformer | Dinov2Model | SiglipVisionModel
 
 
 def family(encoder: nn.Module) -> str:
-  if isinstance(encoder, CLIPVisionTransformer):
-    return "clip"
-  if isinstance(encoder, Dinov2Model):
-    return "dinov2"
-  if isinstance(encoder, SiglipVisionModel):
-    return "siglip"
-  raise TypeError(f"not an image encoder: {type(encoder).__name__}")
+  fam = getattr(getattr(encoder, "config", None), "layout", None)
+  if not isinstance(encoder, VisionTransformer) or fam is None or fam.family not in FAMILIES:
+    raise TypeError(f"not an image encoder: {type(encoder).__name__}")
+  return fam.family
 
 
 def input_size(encoder: nn.Module) -> int:
   """The side of the square images the encoder takes."""
-  return getattr(encoder.config, "pixels", encoder.config.image_size)
+  return encoder.config.pixels
 
 
 def grid(encoder: nn.Module) -> int:
@@ -326,18 +164,16 @@ def grid(encoder: nn.Module) -> int:
 
 def mapper_tokens(encoder: nn.Module, state: jax.Array) -> jax.Array:
   """One hidden state -> (B, 1 + grid**2, C): the global token, then the patch tokens row-major."""
-  fam = family(encoder)
-  if fam == "dinov2":
-    r = encoder.config.num_register_tokens
-    return jnp.concatenate([state[:, :1], state[:, 1 + r:]], axis=1) if r else state
-  if fam == "siglip":
+  cfg = encoder.config
+  if cfg.layout.cls is None:  # SigLIP: the mean of the patches stands for the missing class token
     return jnp.concatenate([jnp.mean(state, axis=1, keepdims=True), state], axis=1)
-  return state
+  r = cfg.num_register_tokens  # registers hold no place in the image
+  return jnp.concatenate([state[:, :1], state[:, 1 + r:]], axis=1) if r else state
 
 
 def layers_path(encoder: nn.Module) -> tuple[str, ...]:
   """Where the encoder's layers sit in its parameter tree (``<path>_i`` unrolled, ``<path>`` scanned)."""
-  return ("encoder", "layer") if family(encoder) == "dinov2" else ("encoder", "layers")
+  return encoder.config.layout.layers
 
 
 def with_scanned_layers(encoder: nn.Module, params: Params, scanned: bool) -> tuple[nn.Module, Params]:
