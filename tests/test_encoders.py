@@ -250,3 +250,13 @@ def test_scanned_encoder_compiles_one_layer_body():
     text = jax.jit(m.apply).lower({"params": shapes}, jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)).as_text()
     return text.count("dot_general")
   assert dots(48, True) == dots(2, True) < dots(4, False) < dots(8, False)
+
+
+@pytest.mark.parametrize("name,title", [("clip", "CLIP"), ("dinov2_registers", "DINOv2"), ("siglip", "SigLIP")])
+def test_wrong_image_size_is_one_line(saved, name, title):
+  _, folder = saved[name]
+  module, params = pretrained.load_image_encoder(folder)
+  size = encoders.input_size(module)
+  pixels = np.zeros((1, size + 8, size + 8, 3), np.float32)
+  with pytest.raises(InputError, match=rf"^this {title} takes {size}x{size} images, got {size + 8}x{size + 8}(\n|$)"):
+    module.apply({"params": params}, pixels)
