@@ -31,12 +31,7 @@ from elite_jax.errors import InputError
 from elite_jax.models import layers, scan
 from elite_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from elite_jax.models.transformer import CLIP_BLOCK, DINOV2_BLOCK
-from elite_jax.models.vit import (  # noqa: F401
-  Layout,
-  VisionConfig,
-  VisionTransformer,
-  torch_bicubic_matrix,
-)
+from elite_jax.models.vit import Layout, VisionConfig, VisionTransformer
 from elite_jax.types import Params
 
 FAMILIES = ("clip", "dinov2", "siglip")
