@@ -16,13 +16,17 @@ Every attention of the models (the UNet's self- and cross-attention, the CLIP to
   sequence lengths that are multiples of 128 and head dims up to 128 (or multiples of 128); other shapes (the
   77-token cross-attention, SD's 160-wide heads at 16 x 16) take ``"xla"``, whose maps are small there. Off a TPU it
   runs in Pallas' interpret mode (slow; for tests).
-- ``"auto"`` (default): ``"cpu"`` on CPU, ``"pallas"`` on TPU, ``"xla"`` on GPU.
+- ``"auto"`` (default): ``"cpu"`` on CPU, ``"pallas"`` on TPU, ``"xla"`` on GPU: by the platform the program is for
+  (``target_platform``), which the training step's mesh names even when this host has no such device.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from elite_jax import native
 from elite_jax.errors import InputError
@@ -41,12 +45,21 @@ def check_implementation(name: str | None) -> str:
   return name
 
 
-def resolve(name: str | None) -> str:
-  """What ``"auto"`` means on this backend; other names unchanged."""
+def target_platform() -> str:
+  """The platform the program being traced is for: its mesh's devices' (``jax.sharding.use_abstract_mesh``, as the
+  training step sets it), else this process's backend. They differ where a program is compiled here for devices
+  this host does not have (train/plan.py: a TPU topology from a CPU host)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
+def resolve(name: str | None, platform: str | None = None) -> str:
+  """What ``"auto"`` means on ``platform`` (default: ``target_platform()``); other names unchanged."""
   name = check_implementation(name)
   if name != "auto":
     return name
-  return {"cpu": "cpu", "tpu": "pallas"}.get(jax.default_backend(), "xla")
+  return {"cpu": "cpu", "tpu": "pallas"}.get(platform or target_platform(), "xla")
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = "auto",
@@ -209,7 +222,21 @@ def _pallas_flash(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax
     out = fa.flash_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                              causal=causal, sm_scale=q.shape[-1] ** -0.5)
     return out.transpose(0, 2, 1, 3)
-  return flash(q, k, v) if jax.default_backend() == "tpu" else _interpreted(flash)(q, k, v)
+  # Mosaic's kernel where the program is for a TPU, Pallas' interpreter elsewhere (tests on a CPU).
+  run = flash if target_platform() == "tpu" else _interpreted(flash)
+  # XLA cannot partition a Mosaic kernel: under a mesh (the training step's), each device runs it on its own
+  # samples (and heads, over "tensor"), as a shard_map.
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return run(q, k, v)
+  batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+  heads = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 else None
+  if heads and q.shape[2] % mesh.shape[heads]:
+    heads = None
+  if batch and q.shape[0] % math.prod(mesh.shape[a] for a in batch):
+    batch = ()
+  spec = P(batch or None, None, heads, None)
+  return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
 def _interpreted(fn):

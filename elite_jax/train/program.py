@@ -65,18 +65,29 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
                                  weight_decay=cfg.weight_decay))
 
 
-def load_models(cfg) -> tuple[StableDiffusion, MapperConfig, MapperBundle | None]:
-  """(the frozen models, numpy float32 parameters; the trained mapper's config; stage 2's frozen stage-1 mapper)."""
+def load_models(cfg, abstract: bool = False) -> tuple[StableDiffusion, MapperConfig, MapperBundle | None]:
+  """(the frozen models, numpy float32 parameters; the trained mapper's config; stage 2's frozen stage-1 mapper).
+
+  ``abstract``: parameters as ShapeDtypeStructs and nothing read or downloaded (ahead-of-time plans, train/plan.py):
+  the tiny shapes for ``pretrained='random-tiny'``, else SD v1-4's and CLIP ViT-L/14's (models/presets.py).
+  """
   tiny_encoder = str(cfg.image_encoder).startswith(TINY_ENCODER)
-  if cfg.pretrained == "random-tiny":
-    sd = tiny.stable_diffusion(seed=cfg.seed)  # RANDOM WEIGHTS: for first runs and tests without any download
-  elif tiny_encoder:
+  if tiny_encoder and cfg.pretrained != "random-tiny":
     raise InputError(f"config.image_encoder={cfg.image_encoder!r} (random weights) goes with "
                      f"config.pretrained='random-tiny'")
+  if abstract:
+    sd = tiny.stable_diffusion_shapes("tiny" if cfg.pretrained == "random-tiny" else "sd14")
+  elif cfg.pretrained == "random-tiny":
+    sd = tiny.stable_diffusion(seed=cfg.seed)  # RANDOM WEIGHTS: for first runs and tests without any download
   else:
     sd = StableDiffusion.load(cfg.pretrained, cfg.image_encoder)
   if tiny_encoder:  # RANDOM WEIGHTS: "random-tiny-dinov2" etc., tiny encoders of each family (sweeps, tests)
-    module, params, processor = tiny.image_encoder(cfg.image_encoder[len(TINY_ENCODER):], seed=cfg.seed)
+    family = cfg.image_encoder[len(TINY_ENCODER):]
+    if abstract:
+      module = tiny.image_encoder(family, with_params=False)
+      params, processor = tiny.shapes(module.param_shapes()), sd.image_processor
+    else:
+      module, params, processor = tiny.image_encoder(family, seed=cfg.seed)
     sd = sd.replace(image_encoder=module, image_processor=processor,
                     params=dict(sd.params, image_encoder=params))
   if cfg.get("scan_image_encoder", False):
@@ -93,7 +104,9 @@ def load_models(cfg) -> tuple[StableDiffusion, MapperConfig, MapperBundle | None
     raise InputError(f"config.mapper.tapped_layers {mapper.tapped_layers} reach past the image encoder's "
                      f"{vision.num_hidden_layers} layers")
   global_mapper = None
-  if cfg.stage == 2:
+  if cfg.stage == 2 and abstract:  # stage 1's mapper of the same config, as shapes
+    global_mapper = tiny.shapes(concept.mapper_shapes(mapper, "global", sd.unet.config))
+  elif cfg.stage == 2:
     if not cfg.global_mapper:
       raise InputError("stage 2 needs the stage-1 mapper: --config.global_mapper=PATH")
     global_mapper = load_mapper(cfg.global_mapper, sd.unet.config, "global")
@@ -192,16 +205,24 @@ class TrainProgram:
     return out
 
 
-def build(cfg, mesh: Mesh) -> TrainProgram:
-  """The training program of ``cfg`` on ``mesh``: models loaded and placed, optimizer, shardings, the jitted step."""
+def build(cfg, mesh: Mesh, abstract: bool = False) -> TrainProgram:
+  """The training program of ``cfg`` on ``mesh``: models loaded and placed, optimizer, shardings, the jitted step.
+
+  ``abstract``: nothing loaded or placed; the frozen trees and the K/V starting point are ShapeDtypeStructs (with
+  their shardings), so that ``compile()`` works on a mesh of devices this process does not have (a TPU topology,
+  train/plan.py). The step is the same function either way.
+  """
   micro = cfg.batch_size // cfg.grad_accum
   if micro % sharding.batch_shards(mesh):
     raise InputError(f"config.batch_size={cfg.batch_size} / grad_accum={cfg.grad_accum} is not divisible by the "
                      f"{sharding.batch_shards(mesh)} data shards of the mesh")
-  sd, mapper, global_mapper = load_models(cfg)
+  sd, mapper, global_mapper = load_models(cfg, abstract)
   kind = KIND[cfg.stage]
-  warm = load_warm_start(cfg, sd, mapper)
-  kv_init = warm.kv if warm is not None else concept.kv_from_unet(sd.params["unet"], sd.unet.config, kind)
+  warm = None if abstract else load_warm_start(cfg, sd, mapper)
+  if abstract:
+    kv_init = tiny.shapes(concept.kv_shapes(sd.unet.config, kind))
+  else:
+    kv_init = warm.kv if warm is not None else concept.kv_from_unet(sd.params["unet"], sd.unet.config, kind)
 
   # Frozen trees, cast to frozen_dtype on the host and placed: replicated, or sharded by the rules table.
   host = dict(sd.params)
@@ -214,7 +235,11 @@ def build(cfg, mesh: Mesh) -> TrainProgram:
     frozen_sh = sharding.logical_shardings(abstract, mesh)
   else:
     frozen_sh = sharding.replicated(host, mesh)
-  frozen = jax.tree.map(jax.device_put, cast_floating(host, cfg.frozen_dtype), frozen_sh)
+  if abstract:
+    frozen = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, _frozen_dtype(x.dtype, cfg.frozen_dtype),
+                                                             sharding=sh), host, frozen_sh)
+  else:
+    frozen = jax.tree.map(jax.device_put, cast_floating(host, cfg.frozen_dtype), frozen_sh)
   sd = sd.replace(params={k: frozen[k] for k in sd.params})
 
   optimizer = make_optimizer(cfg)
@@ -237,6 +262,10 @@ def build(cfg, mesh: Mesh) -> TrainProgram:
                       mlp_init=None if warm is None else warm.mlp, loss_fn=loss_fn)
 
 
+def _frozen_dtype(dtype: Any, frozen: str) -> Any:
+  return jnp.dtype(frozen) if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
 def _state_shardings(abstract: MapperBundle, optimizer, mesh: Mesh) -> TrainState:
   """Where each leaf of the train state lives: parameters by the rules table, optimizer moments like them."""
   params = sharding.logical_shardings(abstract, mesh)
@@ -251,7 +280,9 @@ def _state_shardings(abstract: MapperBundle, optimizer, mesh: Mesh) -> TrainStat
 def _make_step(loss_fn, optimizer, grad_accum: int, mesh: Mesh, state_sh: TrainState, frozen_sh: Params,
                batch_sh: dict, precision: str) -> Callable:
   def step(state: TrainState, frozen: Params, batch: dict) -> tuple[TrainState, dict]:
-    with jax.default_matmul_precision(precision):  # applies while tracing: to every matmul and conv of the step
+    # Both apply while tracing: the precision to every matmul and conv of the step; the mesh to the kernels that
+    # XLA cannot partition (the TPU's flash attention runs per device in a shard_map over it).
+    with jax.default_matmul_precision(precision), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return _step(state, frozen, batch)
 
   def _step(state: TrainState, frozen: Params, batch: dict) -> tuple[TrainState, dict]:
