@@ -12,6 +12,7 @@ import dataclasses
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -173,6 +174,22 @@ def image_encoder(family: str, seed: int = 0, num_layers: int | None = None, wit
     return module
   params = random_params(module.param_shapes(), np.random.default_rng(seed))
   return module, params, image_processors.family_defaults(family, 224)
+
+
+def shapes(boxed: Any) -> Any:
+  """A tree of (boxed) ShapeDtypeStructs, unboxed, float32 (what ``random_params`` would fill)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.meta.unbox(boxed))
+
+
+def stable_diffusion_shapes(size: str = "tiny") -> StableDiffusion:
+  """The bundle of ``stable_diffusion(size=size)`` with ShapeDtypeStructs for parameters: nothing is drawn or
+  allocated (ahead-of-time compilation at the real sizes, train/plan.py)."""
+  tok = tokenizer()
+  unet_cfg, vae_cfg, text_cfg, vis_cfg, _ = _configs(size, len(tok.get_vocab()))
+  modules = {"unet": UNet(unet_cfg), "vae": AutoencoderKL(vae_cfg), "text_encoder": CLIPTextTransformer(text_cfg),
+             "image_encoder": CLIPVisionTransformer(vis_cfg)}
+  return StableDiffusion(**modules, tokenizer=tok, schedule=schedulers.NoiseSchedule.from_config(
+      presets.SD14_SCHEDULER), params={k: shapes(m.param_shapes()) for k, m in modules.items()})
 
 
 def stable_diffusion(seed: int = 0, size: str = "tiny") -> StableDiffusion:

@@ -1,0 +1,235 @@
+"""The training step compiled for a TPU topology on a machine without one, and what it needs per chip.
+
+libtpu compiles for a named topology from any host (``jax.experimental.topologies``); the step is the one
+``program.build`` makes for training (``abstract=True``: the same function, shapes instead of weights), on a mesh of
+the topology's devices built by ``sharding.make_mesh`` from ``config.mesh``. XLA's own analyses give the memory per
+device (arguments, outputs, temporaries, donated), the FLOPs and a time estimate; the program text gives its
+collectives. So a run that cannot fit fails here, before a pod is rented (as MaxText's train_compile.py).
+
+    elite-train --config configs/stage1_global.py --aot v5e-16 [--aot_max_batch]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from elite_jax import sharding
+from elite_jax.errors import InputError
+from elite_jax.models import attention
+from elite_jax.train import program as program_lib
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Published figures per chip: HBM and peak dense bf16 FLOP/s."""
+  name: str
+  hbm_bytes: int
+  peak_flops: float
+
+
+# By the device_kind libtpu reports.
+CHIPS = {
+    "TPU v4": Chip("v4", 32 * GiB, 275e12),
+    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12),
+    "TPU v5": Chip("v5p", 95 * GiB, 459e12),
+    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12),
+}
+
+# Cloud TPU accelerator types -> libtpu topologies (v4 and v5p count TensorCores, two per chip; v5e and v6e chips).
+_GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+             512: "8x8x8"}
+TOPOLOGIES = {**{f"v5e-{n}": f"v5e:{g}" for n, g in _GRIDS_2D.items()},
+              **{f"v6e-{n}": f"v6e:{g}" for n, g in _GRIDS_2D.items()},
+              **{f"v4-{2 * n}": f"v4:{g}" for n, g in _GRIDS_3D.items()},
+              **{f"v5p-{2 * n}": f"v5p:{g}" for n, g in _GRIDS_3D.items()}}
+
+
+def topology(name: str) -> tuple[str, list, int]:
+  """(libtpu topology name, its devices, chips) for ``v5e-16`` or ``v5e:4x4``; InputError for anything else."""
+  topo_name = TOPOLOGIES.get(name, name)
+  if ":" not in topo_name:
+    raise InputError(f"unknown TPU topology {name!r}; expected an accelerator type ({', '.join(sorted(TOPOLOGIES))}) "
+                     f"or a libtpu topology such as v5e:4x4")
+  # libtpu reads the host's TPU from these and warns when it finds none; this host has none, so say so. A compiled
+  # program for devices this process does not have cannot be cached (nor read back) by the persistent cache.
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", name if name in TOPOLOGIES else "v5litepod-1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU to own here: plans may compile side by side
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    from jax.experimental import topologies  # noqa: PLC0415
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo_name)
+  except Exception as e:  # libtpu missing, or a name it does not know
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise InputError(f"cannot compile for TPU topology {topo_name!r} ({first}); ahead-of-time compilation needs "
+                     f"libtpu: pip install \"jax[tpu]=={jax.__version__}\"") from None
+  chips = math.prod(int(x) for x in topo_name.split(":")[1].split("x"))
+  return topo_name, list(desc.devices), chips
+
+
+_COLLECTIVE = re.compile(r"= (.*?) (all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[sufc]\d+|bf16)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+  """{op: {"count", "bytes"}} of a compiled program's text: each op's result size per device, counted once where it
+  appears (an op inside the gradient-accumulation loop runs once per micro-batch)."""
+  out: dict[str, dict[str, int]] = {}
+  for line in hlo.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    arrays = _ARRAY.findall(m.group(1))
+    if m.group(3):  # an async start's tuple holds its operands, then the result
+      arrays = arrays[-1:]
+    size = sum(_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d) for t, dims in arrays)
+    entry = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    entry["bytes"] += size
+  return out
+
+
+def _with_batch(cfg: ml_collections.ConfigDict, batch_size: int) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy
+  cfg.batch_size = int(batch_size)
+  return cfg
+
+
+def compile_plan(cfg: ml_collections.ConfigDict, devices: list) -> tuple[dict[str, Any], str]:
+  """(XLA's figures for the step of ``cfg`` on ``devices``, the compiled program's text)."""
+  mesh = sharding.make_mesh(**cfg.mesh, devices=devices)
+  start = time.perf_counter()
+  program = program_lib.build(cfg, mesh, abstract=True)
+  compiled, stats = program.compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else (cost or {})
+  # XLA's estimate; it gives a negative number where it has none (seen with Mosaic kernels in the program).
+  estimate = float(cost.get("optimal_seconds", 0.0))
+  stats["estimated_seconds"] = estimate if estimate > 0 else None
+  stats["compile_seconds"] = time.perf_counter() - start
+  stats["mesh"] = dict(mesh.shape)
+  stats["batch_shards"] = sharding.batch_shards(mesh)
+  return stats, compiled.as_text()
+
+
+def _fits(cfg, devices, capacity: int) -> bool:
+  try:
+    stats, _ = compile_plan(cfg, devices)
+  except Exception as e:  # XLA refuses a program larger than the chip (RESOURCE_EXHAUSTED)
+    if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+      return False
+    raise
+  return stats["bytes_per_device"] <= capacity
+
+
+def max_batch(cfg, devices, capacity: int, shards: int, limit: int = 4096) -> int:
+  """The largest batch_size that fits (0: not even the smallest), by compiling: doubling, then bisection, over
+  multiples of the step's granularity (data shards x grad_accum, and stage 2's w0 group)."""
+  unit = shards * int(cfg.grad_accum) * (int(cfg.quirks.w0_max_group) if cfg.stage == 2 else 1)
+  fits = lambda k: _fits(_with_batch(cfg, k * unit), devices, capacity)
+  if not fits(1):
+    return 0
+  lo, hi = 1, 2
+  while hi * unit <= limit and fits(hi):
+    lo, hi = hi, hi * 2
+  if hi * unit > limit:
+    return lo * unit
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo * unit
+
+
+def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dict[str, Any]:
+  """The report of ``cfg``'s training step on TPU topology ``name`` (see the module doc); the largest batch that
+  fits is searched when ``search`` or when the configured batch does not fit."""
+  topo_name, devices, chips = topology(name)
+  cfg = ml_collections.ConfigDict(cfg.to_dict())  # "auto" attention means the TPU's kernel (Pallas, Mosaic) here
+  cfg.attention_impl = attention.resolve(cfg.attention_impl, "tpu")
+  kind = devices[0].device_kind
+  if kind not in CHIPS:
+    raise InputError(f"no HBM figure for {kind!r} (known: {', '.join(CHIPS)})")
+  chip = CHIPS[kind]
+  per_chip = len(devices) // chips  # v4's topologies list each TensorCore as a device
+  capacity, peak = chip.hbm_bytes // per_chip, chip.peak_flops / per_chip
+  try:
+    stats, hlo = compile_plan(cfg, devices)
+    compiled = True
+  except Exception as e:
+    if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+      raise
+    stats, hlo, compiled = {}, "", False
+  need = stats.get("bytes_per_device", capacity + 1)
+  fits = compiled and need <= capacity
+  report: dict[str, Any] = {
+      "topology": topo_name, "accelerator": name if name in TOPOLOGIES else topo_name, "device_kind": kind,
+      "devices": len(devices), "chips": chips, "stage": int(cfg.stage), "batch_size": int(cfg.batch_size),
+      "grad_accum": int(cfg.grad_accum), "compute_dtype": str(cfg.compute_dtype),
+      "frozen_dtype": str(cfg.frozen_dtype), "shard_frozen": bool(cfg.shard_frozen), "remat": bool(cfg.remat),
+      "resolution": int(cfg.data.resolution), "attention": str(cfg.attention_impl),
+      "capacity_gib": capacity / GiB, "fits": bool(fits)}
+  if compiled:
+    t = stats["estimated_seconds"]
+    report.update({
+        "mesh": stats["mesh"], "gib_per_device": need / GiB,
+        **{f"{k}_gib": stats[f"{k}_bytes"] / GiB for k in ("argument", "output", "temp", "alias")},
+        "flops_per_device": stats["flops"], "flops_per_step": stats["flops"] * len(devices),
+        "estimated_step_seconds": t, "samples_per_second": cfg.batch_size / t if t else None,
+        "mfu": stats["flops"] / (t * peak) if t else None, "collectives": collectives(hlo),
+        "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
+        "compile_seconds": stats["compile_seconds"]})
+  if search or not fits:
+    shards = stats.get("batch_shards") or sharding.batch_shards(sharding.make_mesh(**cfg.mesh, devices=devices))
+    report["max_batch_size"] = max_batch(cfg, devices, capacity, shards)
+  return report
+
+
+def verdict(report: dict[str, Any]) -> str:
+  """One line: fits or not, per device, and the largest batch that fits where it was searched."""
+  where = f"{report['accelerator']} ({report['devices']} x {report['device_kind']})"
+  best = report.get("max_batch_size")
+  best_text = "" if best is None else (f"; the largest batch_size that fits is {best}" if best else
+                                       "; no batch_size fits (set remat, bfloat16 frozen weights or shard_frozen)")
+  if report["fits"]:
+    return (f"fits: stage {report['stage']}, batch_size {report['batch_size']} on {where}: "
+            f"{report['gib_per_device']:.2f} of {report['capacity_gib']:.2f} GiB per device{best_text}")
+  need = f"{report['gib_per_device']:.2f}" if "gib_per_device" in report else "more than"
+  return (f"does not fit: stage {report['stage']}, batch_size {report['batch_size']} on {where} needs {need} GiB "
+          f"per device of {report['capacity_gib']:.2f}{best_text}")
+
+
+def describe(report: dict[str, Any]) -> str:
+  """The report as lines of text (the verdict last)."""
+  if "gib_per_device" not in report:
+    return verdict(report)
+  r = report
+  coll = ", ".join(f"{op} {c['count']}x {c['bytes'] / 2 ** 20:.1f} MiB" for op, c in r["collectives"].items()) or \
+      "none"
+  mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+  sps = f"{r['samples_per_second']:.1f}" if r["samples_per_second"] else "n/a"
+  return "\n".join([
+      f"topology {r['topology']}: {r['devices']} devices ({r['device_kind']}, {r['chips']} chips), mesh {r['mesh']}",
+      f"stage {r['stage']}, batch {r['batch_size']} (grad_accum {r['grad_accum']}), {r['resolution']} px, compute "
+      f"{r['compute_dtype']}, frozen {r['frozen_dtype']}{' sharded' if r['shard_frozen'] else ''}"
+      f"{', remat' if r['remat'] else ''}, attention {r['attention']}",
+      f"per device: {r['gib_per_device']:.2f} GiB (arguments {r['argument_gib']:.2f}, outputs {r['output_gib']:.2f}, "
+      f"temporaries {r['temp_gib']:.2f}, donated {r['alias_gib']:.2f}) of {r['capacity_gib']:.2f}",
+      f"FLOPs per step: {r['flops_per_step']:.3e} ({r['flops_per_device']:.3e} per device)",
+      f"collectives per device: {coll}; Mosaic (Pallas) kernels: {r['mosaic_kernels']}",
+      (f"XLA's estimate: {1e3 * r['estimated_step_seconds']:.1f} ms per step, {sps} samples/s, MFU {mfu}"
+       if r["estimated_step_seconds"] else "XLA's estimate: none given for this program"),
+      f"compiled in {r['compile_seconds']:.1f} s",
+      verdict(r)])

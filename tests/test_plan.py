@@ -1,0 +1,113 @@
+"""Ahead-of-time plans for TPU topologies (train/plan.py): the training step compiled by libtpu on this CPU host."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from elite_jax import sharding
+from elite_jax.errors import InputError
+from elite_jax.train import plan, program
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, **over):
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  for key, value in over.items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def _need_libtpu():
+  if importlib.util.find_spec("libtpu") is None:
+    if os.environ.get("CI"):
+      pytest.fail("libtpu is not installed (.ci/run installs the test extra, which has jax[tpu])")
+    pytest.skip("libtpu is not installed: pip install \"jax[tpu]\"")
+
+
+def test_the_plan_compiles_the_training_programs_step():
+  """What the plan compiles is the step training runs: the same builder, and with abstract=True the same program
+  text as the step of the loaded models (lowered on this host's CPU mesh)."""
+  cfg = load_config("tiny_stage1", batch_size=4)
+  mesh = sharding.make_mesh(data=2, devices=jax.devices()[:2])
+  real, abstract = program.build(cfg, mesh), program.build(cfg, mesh, abstract=True)
+  # The CPU kernel's custom calls name their partitioning callback by a Python object id, which differs per trace.
+  text = lambda p: re.sub(r'"\d{6,}"', '"id"', p.step.lower(p.abstract_state(), p.frozen,  # noqa: E731
+                                                             p.abstract_batch()).as_text())
+  assert text(real) == text(abstract)
+
+
+@pytest.mark.full
+def test_the_command_reports_a_tiny_step_on_v5e_2x2(tmp_path):
+  """Through the command users type: the tiny stage-1 step at 128 px on a 2x2 v5e slice, with the Pallas kernel
+  (Mosaic, not interpreted) for its 256-token attention."""
+  _need_libtpu()
+  out = tmp_path / "plan.jsonl"
+  proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_stage1.py"),
+                         "--config.batch_size=8", "--config.data.resolution=128", "--aot", "v5e:2x2",
+                         "--aot_json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  assert lines[-1].startswith("fits: stage 1, batch_size 8 on v5e:2x2 (4 x TPU v5 lite): ")
+  report = json.loads(out.read_text())
+  assert (report["devices"], report["chips"], report["device_kind"]) == (4, 4, "TPU v5 lite")
+  assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert report["attention"] == "pallas" and report["mosaic_kernels"] > 0
+  assert report["fits"] and report["capacity_gib"] == 16.0
+  assert 0 < report["gib_per_device"] < 1
+  parts = sum(report[f"{k}_gib"] for k in ("argument", "output", "temp")) - report["alias_gib"]
+  assert abs(parts - report["gib_per_device"]) < 1e-9
+  assert report["flops_per_step"] == pytest.approx(4 * report["flops_per_device"])
+  assert report["flops_per_device"] > 1e9  # the UNet's forward and backward pass over 2 samples of 16 x 16 latents
+  assert report["estimated_step_seconds"] > 0 and 0 < report["mfu"] < 1
+  assert report["collectives"]["all-reduce"]["bytes"] > 0  # the data-parallel gradient reduction
+
+
+def test_unknown_topology_is_one_line():
+  proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_stage1.py"),
+                         "--aot", "v9-8"], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown TPU topology 'v9-8'")
+
+
+def test_max_batch_search_and_the_verdict(monkeypatch):
+  """The search compiles at multiples of the step's granularity; a batch that does not fit gets one line naming the
+  largest that does."""
+  tried = []
+
+  def fits(cfg, devices, capacity):
+    tried.append(cfg.batch_size)
+    return cfg.batch_size <= 40
+
+  monkeypatch.setattr(plan, "_fits", fits)
+  cfg = load_config("tiny_stage1", grad_accum=2)
+  assert plan.max_batch(cfg, [], 1, shards=4) == 40  # multiples of 4 data shards x 2 accumulation steps
+  assert all(b % 8 == 0 for b in tried)
+  assert plan.max_batch(cfg, [], 1, shards=64) == 0
+  line = plan.verdict({"accelerator": "v5e-16", "devices": 16, "device_kind": "TPU v5 lite", "fits": False,
+                       "stage": 1, "batch_size": 64, "gib_per_device": 20.5, "capacity_gib": 16.0,
+                       "max_batch_size": 32})
+  assert line == ("does not fit: stage 1, batch_size 64 on v5e-16 (16 x TPU v5 lite) needs 20.50 GiB per device "
+                  "of 16.00; the largest batch_size that fits is 32")
+  assert "\n" not in line
+
+
+def test_topology_names():
+  assert plan.TOPOLOGIES["v5e-16"] == "v5e:4x4" and plan.TOPOLOGIES["v5e-256"] == "v5e:16x16"
+  assert plan.TOPOLOGIES["v4-8"] == "v4:2x2x1" and plan.TOPOLOGIES["v5p-8"] == "v5p:2x2x1"
+  with pytest.raises(InputError, match="unknown TPU topology 'v5e16'"):
+    plan.topology("v5e16")
