@@ -229,10 +229,10 @@ def build(cfg, mesh: Mesh, abstract: bool = False) -> TrainProgram:
   if global_mapper is not None:
     host["global_mapper"] = global_mapper
   if cfg.shard_frozen:
-    abstract = sd.param_shapes()
+    logical = sd.param_shapes()
     if global_mapper is not None:
-      abstract["global_mapper"] = concept.mapper_shapes(global_mapper.config, "global", sd.unet.config)
-    frozen_sh = sharding.logical_shardings(abstract, mesh)
+      logical["global_mapper"] = concept.mapper_shapes(global_mapper.config, "global", sd.unet.config)
+    frozen_sh = sharding.logical_shardings(logical, mesh)
   else:
     frozen_sh = sharding.replicated(host, mesh)
   if abstract:
