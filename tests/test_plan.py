@@ -14,6 +14,7 @@ import pytest
 from elite_jax import sharding
 from elite_jax.errors import InputError
 from elite_jax.train import plan, program
+from tests import tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,14 +23,7 @@ def load_config(name: str, **over):
   spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = module.get_config()
-  for key, value in over.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  return tiny_models.override(module.get_config(), **over)
 
 
 def _need_libtpu():
