@@ -35,9 +35,10 @@ def test_builds_here():
 
 # (batch, queries, keys, heads, width, value width): SD's 40-wide heads over 4 key tiles (the online softmax
 # rescales 3 times) with a partial last tile; queries that leave a partial block; a 77-token cross-attention;
-# 8-wide heads (the small UNet); values narrower than keys and not a multiple of 4 channels; one key.
+# 8-wide heads (the small UNet); values narrower than keys and not a multiple of 4 channels; one key; 4096 keys of
+# 40 + 40 floats, 1.25 MiB a head, which the kernel copies to rows of their own by itself (over 1 MiB).
 CASES = [(2, 512, 512, 2, 40, 40), (1, 100, 300, 3, 40, 40), (2, 256, 77, 2, 160, 160), (2, 64, 1024, 8, 8, 8),
-         (1, 70, 13, 2, 24, 7), (1, 5, 1, 1, 16, 16)]
+         (1, 70, 13, 2, 24, 7), (1, 5, 1, 1, 16, 16), (1, 40, 4096, 2, 40, 40)]
 
 
 def _check_formula(fn, b, lq, lk, h, d, dv):
@@ -60,6 +61,16 @@ def test_every_vector_width_matches_the_plain_formula(width):
   """4, 8 and 16 floats per vector, each forced on this machine's target (a width it lacks is slow, not wrong)."""
   kernel = native.load(width=width)
   assert kernel.width == width and kernel.queries % width == 0
+  for case in CASES:
+    _check_formula(kernel, *case)
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_heads_copied_or_read_in_place_match_the_plain_formula(copy):
+  """Each head's keys and values read where they are, or copied to rows of their own first (what the kernel does by
+  itself for long sequences: 4096 keys x 40 + 40 widths below), both forced."""
+  kernel = native.load(copy=copy)
+  assert kernel.copy == int(copy) and native.kernel().copy == -1
   for case in CASES:
     _check_formula(kernel, *case)
 
@@ -140,7 +151,7 @@ def test_the_self_check_decides_by_every_shape():
 
 
 def _fake_kernel(tmp_path):
-  return native.Kernel(str(tmp_path / "attention_cpu-0123456789abcdef.so"), "t", "native", 16, 96, 64)
+  return native.Kernel(str(tmp_path / "attention_cpu-0123456789abcdef.so"), "t", "native", 16, 96, 64, -1)
 
 
 @pytest.mark.parametrize("kernel_ms,use", [(1.0, True), (3.0, False)])

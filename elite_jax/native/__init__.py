@@ -124,7 +124,7 @@ def _cpu_identity() -> str:
   return info["model"] + " " + " ".join(sorted(info["flags"]))
 
 
-def _flags(target: str, width: int | None) -> list[str]:
+def _flags(target: str, width: int | None, copy: bool | None = None) -> list[str]:
   flags = list(_FLAGS)
   if target != "generic":
     flags.append(f"-march={target}")
@@ -132,6 +132,8 @@ def _flags(target: str, width: int | None) -> list[str]:
     if width not in WIDTHS:
       raise ValueError(f"vector width {width} is not one of {WIDTHS}")
     flags.append(f"-DELITE_ATTENTION_WIDTH={width}")
+  if copy is not None:
+    flags.append(f"-DELITE_ATTENTION_COPY={int(copy)}")
   return flags
 
 
@@ -144,14 +146,15 @@ def _key(compiler: str, flags: list[str]) -> str:
   return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
-def build(target: str | None = None, width: int | None = None) -> str:
-  """The path of the attention library for ``target`` (default ``arch()``) and ``width`` (default the target's
-  own), compiled now unless this key's is already there; raises RuntimeError with the compiler's message when it
-  cannot be built."""
+def build(target: str | None = None, width: int | None = None, copy: bool | None = None) -> str:
+  """The path of the attention library for ``target`` (default ``arch()``), ``width`` (default the target's own)
+  and ``copy`` (whether each head's keys and values are copied to contiguous rows first; default: by their size
+  against the L2 cache), compiled now unless this key's is already there; raises RuntimeError with the compiler's
+  message when it cannot be built."""
   compiler = _compiler()
   if compiler is None:
     raise RuntimeError("no C++ compiler (set CXX, or install g++)")
-  flags = _flags(target or arch(), width)
+  flags = _flags(target or arch(), width, copy)
   folder = native_dir()
   path = os.path.join(folder, f"attention_cpu-{_key(compiler, flags)}.so")
   if os.path.exists(path):
@@ -178,6 +181,7 @@ class Kernel:
   width: int  # floats per vector
   queries: int  # queries per block
   keys: int  # keys per tile
+  copy: int  # heads' keys and values copied to rows of their own: -1 by size (the default), 0 never, 1 always
 
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(out, lse) of float32 (B, L, H, D) arrays on one device (no partitioning rule, no vmap rule)."""
@@ -191,13 +195,13 @@ _libraries: list[ctypes.CDLL] = []  # kept loaded for as long as XLA may call th
 
 
 @functools.cache
-def load(target: str | None = None, width: int | None = None) -> Kernel:
-  """Builds (or finds), loads and registers one build of the kernel, once per process; RuntimeError if it cannot be
-  built or loaded."""
+def load(target: str | None = None, width: int | None = None, copy: bool | None = None) -> Kernel:
+  """Builds (or finds), loads and registers one build of the kernel (``build``'s arguments), once per process;
+  RuntimeError if it cannot be built or loaded."""
   target = target or arch()
   if jax.default_backend() != "cpu":
     raise RuntimeError("the default backend is not the CPU")
-  path = build(target, width)
+  path = build(target, width, copy)
   try:
     lib = ctypes.CDLL(path)
   except OSError as e:
@@ -207,7 +211,8 @@ def load(target: str | None = None, width: int | None = None) -> Kernel:
   name = f"{ATTENTION_TARGET}_{os.path.basename(path)[len('attention_cpu-'):-3]}"
   jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(lib.EliteCpuAttention), platform="cpu")
   _libraries.append(lib)
-  return Kernel(path, name, target, int(config["width"]), int(config["queries"]), int(config["keys"]))
+  return Kernel(path, name, target, int(config["width"]), int(config["queries"]), int(config["keys"]),
+                int(config["copy"]))
 
 
 @functools.cache
