@@ -206,6 +206,7 @@ void block(const Shape& sh, const float* q, const Head& kv, float* out, float* l
   const int64_t kstride = kv.kstride, vstride = kv.vstride;
   const float* kh = kv.k;
   const float* vh = kv.v;
+  const bool contiguous = kstride == d && vstride == dv;
   // Tiles of equal size (a multiple of kR up to kK): 77 text tokens are 2 x 39 keys, not 64 + 13, whose short
   // second tile spent more on its micro-kernels' set-up than on their loops.
   const int64_t tiles = (sh.lk + kK - 1) / kK;
@@ -214,9 +215,11 @@ void block(const Shape& sh, const float* q, const Head& kv, float* out, float* l
     const int64_t nk = std::min<int64_t>(tile, sh.lk - j0);
     int64_t j = 0;
     for (; j + kR <= nk; j += kR) {
-      const int64_t next = j0 + j + kR;
-      if (next + kR <= sh.lk) prefetch_rows(kh + next * kstride, kstride, kR, d);
-      prefetch_rows(vh + (j0 + j) * vstride, vstride, kR, dv);  // for O^T below
+      if (!contiguous) {  // rows of a copy stream in order: the hardware prefetches them (3% faster without these)
+        const int64_t next = j0 + j + kR;
+        if (next + kR <= sh.lk) prefetch_rows(kh + next * kstride, kstride, kR, d);
+        prefetch_rows(vh + (j0 + j) * vstride, vstride, kR, dv);  // for O^T below
+      }
       scores<kR>(kh + (j0 + j) * kstride, kstride, w.qt, d, w.s + j * kQ);
     }
     for (; j < nk; ++j) scores<1>(kh + (j0 + j) * kstride, kstride, w.qt, d, w.s + j * kQ);
