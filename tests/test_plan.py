@@ -100,6 +100,22 @@ def test_max_batch_search_and_the_verdict(monkeypatch):
   assert "\n" not in line
 
 
+@pytest.mark.full
+def test_v4_and_v5p_are_a_device_per_chip():
+  """As on a real v4 or v5p pod (megacore): 4 devices for v4-8, each a chip, on which the project's mesh is built
+  (libtpu's default, a device per TensorCore, fails jax.make_mesh). In a subprocess: the plan sets libtpu's
+  environment and turns the compilation cache off."""
+  code = ("from elite_jax import sharding; from elite_jax.train import plan\n"
+          "for name in ('v4-8', 'v5p-8'):\n"
+          "  topo, devices, chips = plan.topology(name)\n"
+          "  mesh = sharding.make_mesh(data=-1, fsdp=1, tensor=1, devices=devices)\n"
+          "  print(name, topo, len(devices), chips, dict(mesh.shape)['data'], devices[0].device_kind)\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("v")]
+  assert lines == ["v4-8 v4:2x2x1 4 4 4 TPU v4", "v5p-8 v5p:2x2x1 4 4 4 TPU v5"]
+
+
 def test_topology_names():
   assert plan.TOPOLOGIES["v5e-16"] == "v5e:4x4" and plan.TOPOLOGIES["v5e-256"] == "v5e:16x16"
   assert plan.TOPOLOGIES["v4-8"] == "v4:2x2x1" and plan.TOPOLOGIES["v5p-8"] == "v5p:2x2x1"

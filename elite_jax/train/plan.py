@@ -69,7 +69,9 @@ def topology(name: str) -> tuple[str, list, int]:
   jax.config.update("jax_enable_compilation_cache", False)
   try:
     from jax.experimental import topologies  # noqa: PLC0415
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo_name)
+    # v4 and v5p chips hold two TensorCores, which JAX shows as one device ("megacore"), as on a real pod.
+    megacore = {"chip_config_name": "megacore"} if topo_name.split(":")[0] in ("v4", "v5p") else {}
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo_name, **megacore)
   except Exception as e:  # libtpu missing, or a name it does not know
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise InputError(f"cannot compile for TPU topology {topo_name!r} ({first}); ahead-of-time compilation needs "
@@ -163,7 +165,7 @@ def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dic
   if kind not in CHIPS:
     raise InputError(f"no HBM figure for {kind!r} (known: {', '.join(CHIPS)})")
   chip = CHIPS[kind]
-  per_chip = len(devices) // chips  # v4's topologies list each TensorCore as a device
+  per_chip = len(devices) // chips  # 1: v4 and v5p are compiled in megacore mode, a device per chip
   capacity, peak = chip.hbm_bytes // per_chip, chip.peak_flops / per_chip
   try:
     stats, hlo = compile_plan(cfg, devices)
