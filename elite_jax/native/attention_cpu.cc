@@ -25,6 +25,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
 
 #include <unistd.h>
@@ -370,9 +371,10 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   work->blocks_per_head = (sh.lq + kQ - 1) / kQ;
   work->total = sh.batch * sh.heads * work->blocks_per_head;
   if (work->total == 0) return ffi::Error::Success();
-  if (copy_heads(sh)) {
-    work->copies.reset(new float[sh.batch * sh.heads * sh.lk * (sh.d + sh.dv)]);
-    work->copied.reset(new std::atomic<int>[2 * sh.batch * sh.heads]());
+  if (copy_heads(sh)) {  // where the memory cannot be had, the heads are read in place
+    work->copies.reset(new (std::nothrow) float[sh.batch * sh.heads * sh.lk * (sh.d + sh.dv)]);
+    work->copied.reset(new (std::nothrow) std::atomic<int>[2 * sh.batch * sh.heads]());
+    if (!work->copies || !work->copied) work->copies.reset();
   }
   const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, work->total - 1);
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->run(); });
