@@ -33,6 +33,13 @@ def _need_libtpu():
     pytest.skip("libtpu is not installed: pip install \"jax[tpu]\"")
 
 
+def _need_cuda_plugin():
+  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if os.environ.get("CI"):
+      pytest.fail("the CUDA plugin is not installed (.ci/run installs the plan-gpu extra, jax[cuda12-local])")
+    pytest.skip("the CUDA plugin is not installed: pip install -e \".[plan-gpu]\"")
+
+
 def test_the_plan_compiles_the_training_programs_step():
   """What the plan compiles is the step training runs: the same builder, and with abstract=True the same program
   text as the step of the loaded models (lowered on this host's CPU mesh)."""
@@ -69,6 +76,27 @@ def test_the_command_reports_a_tiny_step_on_v5e_2x2(tmp_path):
   assert report["flops_per_device"] > 1e9  # the UNet's forward and backward pass over 2 samples of 16 x 16 latents
   assert report["estimated_step_seconds"] > 0 and 0 < report["mfu"] < 1
   assert report["collectives"]["all-reduce"]["bytes"] > 0  # the data-parallel gradient reduction
+
+
+@pytest.mark.full
+def test_the_command_reports_a_tiny_step_on_two_h100s_without_a_gpu(tmp_path):
+  """The same command for 2 NVIDIA H100s of one host, compiled by XLA's GPU compiler through the CUDA plugin on this
+  machine, which has no GPU and no driver (compile-only devices from the plan's H100 target description)."""
+  _need_cuda_plugin()
+  out = tmp_path / "plan.jsonl"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # the command itself keeps JAX on the CPU
+  proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_stage1.py"),
+                         "--config.batch_size=8", "--config.data.resolution=128", "--aot", "h100-2",
+                         "--aot_json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=900, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1].startswith(
+      "fits: stage 1, batch_size 8 on h100-2 (2 x NVIDIA H100 80GB HBM3): ")
+  report = json.loads(out.read_text())
+  assert (report["devices"], report["device_kind"], report["topology"]) == (2, "NVIDIA H100 80GB HBM3", "h100:1x1x2")
+  assert report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1} and report["attention"] == "xla"
+  assert report["fits"] and report["capacity_gib"] == 80.0 and 0 < report["gib_per_device"] < 1
+  assert report["flops_per_step"] is None and report["estimated_step_seconds"] is None  # XLA gives none here
+  assert report["collectives"]["all-reduce"]["bytes"] > 0
 
 
 def test_unknown_topology_is_one_line():
@@ -119,5 +147,6 @@ def test_v4_and_v5p_are_a_device_per_chip():
 def test_topology_names():
   assert plan.TOPOLOGIES["v5e-16"] == "v5e:4x4" and plan.TOPOLOGIES["v5e-256"] == "v5e:16x16"
   assert plan.TOPOLOGIES["v4-8"] == "v4:2x2x1" and plan.TOPOLOGIES["v5p-8"] == "v5p:2x2x1"
+  assert plan._GPU_NAME.match("h100-8").groups() == ("h100", "8") and not plan._GPU_NAME.match("h100-")
   with pytest.raises(InputError, match="unknown TPU topology 'v5e16'"):
     plan.topology("v5e16")

@@ -15,6 +15,8 @@ one-line message.
 import json
 import os
 
+import jax
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -23,7 +25,7 @@ from elite_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file under configs/", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs and the exported mapper go here")
-_AOT = flags.DEFINE_string("aot", None, "compile the step for this TPU topology (v4-8, v5e-16, v5p-8, v5e:4x4...) "
+_AOT = flags.DEFINE_string("aot", None, "compile the step for this TPU topology (v4-8, v5e-16, v5p-8, v5e:4x4...) or GPUs (h100-8) "
                            "without a TPU and print what it needs per chip; nothing is trained")
 _AOT_MAX_BATCH = flags.DEFINE_bool("aot_max_batch", False, "with --aot: also search the largest batch_size that "
                                    "fits (by compiling; always done when the configured one does not fit)")
@@ -43,8 +45,11 @@ def main(argv) -> None:
   del argv
   if _AOT.value:
     # Compiling for a topology needs no accelerator of this host's: JAX's own backend stays the CPU (an installed
-    # libtpu would otherwise look for a TPU here).
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # libtpu would otherwise look for a TPU here, and the CUDA plugin would check for a driver and fail). jax read
+    # the environment when imported, hence its config too.
+    if not os.environ.get("JAX_PLATFORMS"):
+      os.environ["JAX_PLATFORMS"] = "cpu"
+      jax.config.update("jax_platforms", "cpu")
     run_training(_plan, load_config(_CONFIG, "-", "stage"))
     return
   run_training(train, load_config(_CONFIG, _WORKDIR.value, "stage"), _WORKDIR.value)

@@ -1,10 +1,12 @@
-"""The training step compiled for a TPU topology on a machine without one, and what it needs per chip.
+"""The training step compiled for a TPU topology (or NVIDIA GPUs) on a machine without one, and what it needs per chip.
 
 libtpu compiles for a named topology from any host (``jax.experimental.topologies``); the step is the one
 ``program.build`` makes for training (``abstract=True``: the same function, shapes instead of weights), on a mesh of
 the topology's devices built by ``sharding.make_mesh`` from ``config.mesh``. XLA's own analyses give the memory per
 device (arguments, outputs, temporaries, donated), the FLOPs and a time estimate; the program text gives its
-collectives. So a run that cannot fit fails here, before a pod is rented (as MaxText's train_compile.py).
+collectives. So a run that cannot fit fails here, before a pod is rented (as MaxText's train_compile.py). GPUs of
+one host (``h100-8``) compile the same way through the CUDA plugin, from a description of the GPU instead of a
+device (``_GPU_TARGETS``); XLA gives their memory but no FLOPs or time estimate there.
 
     elite-train --config configs/stage1_global.py --aot v5e-16 [--aot_max_batch]
 """
@@ -43,7 +45,26 @@ CHIPS = {
     "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12),
     "TPU v5": Chip("v5p", 95 * GiB, 459e12),
     "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12),
+    "NVIDIA H100 80GB HBM3": Chip("h100", 80 * GiB, 989e12),
 }
+
+# What XLA's GPU compiler needs to know of a GPU it cannot see (a GpuTargetConfigProto, text form), written from the
+# H100 SXM5's published figures: compute capability 9.0, 132 SMs, its shared memory and register limits, 80 GB of
+# HBM3 at 3.35 TB/s, 50 MiB of L2.
+_GPU_TARGETS = {"h100": """
+gpu_device_info {
+  threads_per_block_limit: 1024  threads_per_warp: 32  threads_per_core_limit: 2048
+  shared_memory_per_block: 49152  shared_memory_per_block_optin: 232448  shared_memory_per_core: 233472
+  core_count: 132  fpus_per_core: 128  registers_per_core_limit: 65536  registers_per_block_limit: 65536
+  block_dim_limit_x: 2147483647  block_dim_limit_y: 65535  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000  l2_cache_size: 52428800  clock_rate_ghz: 1.98  device_memory_size: 85899345920
+  cuda_compute_capability { major: 9 minor: 0 }
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""}
+_GPU_NAME = re.compile(r"^(h100)(?:-(\d+))?$")
 
 # Cloud TPU accelerator types -> libtpu topologies (v4 and v5p count TensorCores, two per chip; v5e and v6e chips).
 _GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
@@ -56,11 +77,15 @@ TOPOLOGIES = {**{f"v5e-{n}": f"v5e:{g}" for n, g in _GRIDS_2D.items()},
 
 
 def topology(name: str) -> tuple[str, list, int]:
-  """(libtpu topology name, its devices, chips) for ``v5e-16`` or ``v5e:4x4``; InputError for anything else."""
+  """(topology name, its devices, chips) for a TPU (``v5e-16`` or ``v5e:4x4``) or GPUs of one host (``h100-8``);
+  InputError for anything else."""
+  gpu = _GPU_NAME.match(name)
+  if gpu:
+    return _gpu_topology(gpu.group(1), int(gpu.group(2) or 1))
   topo_name = TOPOLOGIES.get(name, name)
   if ":" not in topo_name:
     raise InputError(f"unknown TPU topology {name!r}; expected an accelerator type ({', '.join(sorted(TOPOLOGIES))}) "
-                     f"or a libtpu topology such as v5e:4x4")
+                     f"or a libtpu topology such as v5e:4x4, or GPUs such as h100-8")
   # libtpu reads the host's TPU from these and warns when it finds none; this host has none, so say so. A compiled
   # program for devices this process does not have cannot be cached (nor read back) by the persistent cache.
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", name if name in TOPOLOGIES else "v5litepod-1")
@@ -78,6 +103,22 @@ def topology(name: str) -> tuple[str, list, int]:
                      f"libtpu: pip install \"jax[tpu]=={jax.__version__}\"") from None
   chips = math.prod(int(x) for x in topo_name.split(":")[1].split("x"))
   return topo_name, list(desc.devices), chips
+
+
+def _gpu_topology(model: str, count: int) -> tuple[str, list, int]:
+  """``count`` compile-only GPUs of one host (XLA's GPU compiler through the CUDA plugin, no GPU or driver needed)."""
+  if count < 1:
+    raise InputError(f"{model}-{count}: at least one GPU")
+  jax.config.update("jax_enable_compilation_cache", False)
+  name = f"1x1x{count}"  # slices x hosts x GPUs per host
+  try:
+    from jax.experimental import topologies  # noqa: PLC0415
+    desc = topologies.get_topology_desc(platform="cuda", target_config=_GPU_TARGETS[model], topology=name)
+  except Exception as e:  # no CUDA plugin
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise InputError(f"cannot compile for {model}-{count} ({first}); ahead-of-time compilation for NVIDIA GPUs "
+                     f"needs the CUDA plugin: pip install \"jax[cuda12-local]=={jax.__version__}\"") from None
+  return f"{model}:{name}", list(desc.devices), count
 
 
 _COLLECTIVE = re.compile(r"= (.*?) (all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(-start)?\(")
@@ -115,9 +156,14 @@ def compile_plan(cfg: ml_collections.ConfigDict, devices: list) -> tuple[dict[st
   mesh = sharding.make_mesh(**cfg.mesh, devices=devices)
   start = time.perf_counter()
   program = program_lib.build(cfg, mesh, abstract=True)
-  compiled, stats = program.compile()
+  gpu = devices[0].platform != "tpu"
+  # Without a device XLA cannot autotune, and the Triton GEMMs' default tiling failed on float32 "highest" dots
+  # ("Couldn't find output tile sizes"); cuBLAS calls need no tuning to compile.
+  compiled, stats = program.compile({"xla_gpu_enable_triton_gemm": False} if gpu else None)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else (cost or {})
+  if gpu:  # compile-only GPUs have no cost analysis
+    stats["flops"] = None
   # XLA's estimate; it gives a negative number where it has none (seen with Mosaic kernels in the program).
   estimate = float(cost.get("optimal_seconds", 0.0))
   stats["estimated_seconds"] = estimate if estimate > 0 else None
@@ -159,8 +205,9 @@ def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dic
   """The report of ``cfg``'s training step on TPU topology ``name`` (see the module doc); the largest batch that
   fits is searched when ``search`` or when the configured batch does not fit."""
   topo_name, devices, chips = topology(name)
-  cfg = ml_collections.ConfigDict(cfg.to_dict())  # "auto" attention means the TPU's kernel (Pallas, Mosaic) here
-  cfg.attention_impl = attention.resolve(cfg.attention_impl, "tpu")
+  platform = "tpu" if devices[0].platform == "tpu" else "gpu"
+  cfg = ml_collections.ConfigDict(cfg.to_dict())  # "auto" attention means the target's kernel (TPU: Pallas, Mosaic)
+  cfg.attention_impl = attention.resolve(cfg.attention_impl, platform)
   kind = devices[0].device_kind
   if kind not in CHIPS:
     raise InputError(f"no HBM figure for {kind!r} (known: {', '.join(CHIPS)})")
@@ -177,7 +224,8 @@ def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dic
   need = stats.get("bytes_per_device", capacity + 1)
   fits = compiled and need <= capacity
   report: dict[str, Any] = {
-      "topology": topo_name, "accelerator": name if name in TOPOLOGIES else topo_name, "device_kind": kind,
+      "topology": topo_name, "accelerator": name if name in TOPOLOGIES or _GPU_NAME.match(name) else topo_name,
+      "device_kind": kind,
       "devices": len(devices), "chips": chips, "stage": int(cfg.stage), "batch_size": int(cfg.batch_size),
       "grad_accum": int(cfg.grad_accum), "compute_dtype": str(cfg.compute_dtype),
       "frozen_dtype": str(cfg.frozen_dtype), "shard_frozen": bool(cfg.shard_frozen), "remat": bool(cfg.remat),
@@ -188,9 +236,10 @@ def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dic
     report.update({
         "mesh": stats["mesh"], "gib_per_device": need / GiB,
         **{f"{k}_gib": stats[f"{k}_bytes"] / GiB for k in ("argument", "output", "temp", "alias")},
-        "flops_per_device": stats["flops"], "flops_per_step": stats["flops"] * len(devices),
+        "flops_per_device": stats["flops"],
+        "flops_per_step": stats["flops"] * len(devices) if stats["flops"] is not None else None,
         "estimated_step_seconds": t, "samples_per_second": cfg.batch_size / t if t else None,
-        "mfu": stats["flops"] / (t * peak) if t else None, "collectives": collectives(hlo),
+        "mfu": stats["flops"] / (t * peak) if t and stats["flops"] else None, "collectives": collectives(hlo),
         "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
         "compile_seconds": stats["compile_seconds"]})
   if search or not fits:
@@ -229,7 +278,8 @@ def describe(report: dict[str, Any]) -> str:
       f"{', remat' if r['remat'] else ''}, attention {r['attention']}",
       f"per device: {r['gib_per_device']:.2f} GiB (arguments {r['argument_gib']:.2f}, outputs {r['output_gib']:.2f}, "
       f"temporaries {r['temp_gib']:.2f}, donated {r['alias_gib']:.2f}) of {r['capacity_gib']:.2f}",
-      f"FLOPs per step: {r['flops_per_step']:.3e} ({r['flops_per_device']:.3e} per device)",
+      (f"FLOPs per step: {r['flops_per_step']:.3e} ({r['flops_per_device']:.3e} per device)"
+       if r["flops_per_step"] is not None else "FLOPs per step: not given by XLA for this target"),
       f"collectives per device: {coll}; Mosaic (Pallas) kernels: {r['mosaic_kernels']}",
       (f"XLA's estimate: {1e3 * r['estimated_step_seconds']:.1f} ms per step, {sps} samples/s, MFU {mfu}"
        if r["estimated_step_seconds"] else "XLA's estimate: none given for this program"),

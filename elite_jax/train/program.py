@@ -179,10 +179,11 @@ class TrainProgram:
     return {k: jax.ShapeDtypeStruct((cfg.grad_accum, micro) + shape, dtype, sharding=self.batch_shardings[k])
             for k, (shape, dtype) in spec.items()}
 
-  def compile(self) -> tuple[Callable, dict[str, float]]:
-    """The step compiled ahead of time, and what it needs: bytes per device (arguments, outputs and temporaries,
-    less what donation reuses) and FLOPs per step, from XLA's own analyses."""
-    compiled = self.step.lower(self.abstract_state(), self.frozen, self.abstract_batch()).compile()
+  def compile(self, compiler_options: dict[str, Any] | None = None) -> tuple[Callable, dict[str, float]]:
+    """The step compiled ahead of time (with XLA ``compiler_options``), and what it needs: bytes per device
+    (arguments, outputs and temporaries, less what donation reuses) and FLOPs per step, from XLA's own analyses."""
+    lowered = self.step.lower(self.abstract_state(), self.frozen, self.abstract_batch())
+    compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
     mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     stats = {"flops": float((cost or {}).get("flops", 0.0))}
