@@ -33,11 +33,16 @@ def _need_libtpu():
     pytest.skip("libtpu is not installed: pip install \"jax[tpu]\"")
 
 
-def _need_cuda_plugin():
-  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+def _cuda_plugin_path() -> str:
+  """Where the CUDA plugin is for the H100 plan's command: ``$ELITE_JAX_TEST_CUDA_PLUGIN``, a folder of its own
+  (``pip install --no-deps --target DIR jax-cuda12-plugin==V jax-cuda12-pjrt==V``, as .ci/run does); in the test
+  environment itself every JAX process would log its missing drivers."""
+  path = os.environ.get("ELITE_JAX_TEST_CUDA_PLUGIN", "")
+  if not os.path.isdir(os.path.join(path, "jax_plugins", "xla_cuda12")):
     if os.environ.get("CI"):
-      pytest.fail("the CUDA plugin is not installed (.ci/run installs the plan-gpu extra, jax[cuda12-local])")
-    pytest.skip("the CUDA plugin is not installed: pip install -e \".[plan-gpu]\"")
+      pytest.fail(f"no CUDA plugin at ELITE_JAX_TEST_CUDA_PLUGIN={path!r} (.ci/run installs it)")
+    pytest.skip("set ELITE_JAX_TEST_CUDA_PLUGIN to a folder holding jax-cuda12-plugin and jax-cuda12-pjrt")
+  return path
 
 
 def test_the_plan_compiles_the_training_programs_step():
@@ -82,9 +87,10 @@ def test_the_command_reports_a_tiny_step_on_v5e_2x2(tmp_path):
 def test_the_command_reports_a_tiny_step_on_two_h100s_without_a_gpu(tmp_path):
   """The same command for 2 NVIDIA H100s of one host, compiled by XLA's GPU compiler through the CUDA plugin on this
   machine, which has no GPU and no driver (compile-only devices from the plan's H100 target description)."""
-  _need_cuda_plugin()
+  plugin = _cuda_plugin_path()
   out = tmp_path / "plan.jsonl"
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # the command itself keeps JAX on the CPU
+  env["PYTHONPATH"] = os.pathsep.join([plugin, str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
   proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_stage1.py"),
                          "--config.batch_size=8", "--config.data.resolution=128", "--aot", "h100-2",
                          "--aot_json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=900, env=env)
