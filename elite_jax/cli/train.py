@@ -6,7 +6,7 @@
   elite-train --config configs/stage1_global.py --aot v5e-16 [--aot_max_batch]   # plan for a TPU pod, no TPU needed
 
 (``python train.py`` in a checkout is the same command.) ``--aot`` compiles the step for a TPU topology on this
-machine (libtpu: ``pip install -e ".[plan]"``) and prints what it needs per chip (train/plan.py); nothing is
+machine (libtpu: ``pip install -e ".[plan]"``; H100s: ``.[plan-gpu]``) and prints what it needs per chip (train/plan.py); nothing is
 trained. Rerunning the same command on a workdir with checkpoints resumes. Exit codes: 0 done (or saved and stopped by SIGTERM), 1 a non-finite loss (the last checkpoint is the last
 good state), 2 bad config or data, 3 another host died, 4 a checkpoint could not be written, 130 Ctrl-C; each with a
 one-line message.
@@ -25,8 +25,8 @@ from elite_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file under configs/", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs and the exported mapper go here")
-_AOT = flags.DEFINE_string("aot", None, "compile the step for this TPU topology (v4-8, v5e-16, v5p-8, v5e:4x4...) or GPUs (h100-8) "
-                           "without a TPU and print what it needs per chip; nothing is trained")
+_AOT = flags.DEFINE_string("aot", None, "compile the step for this TPU topology (v4-8, v5e-16, v5p-8, v5e:4x4...) "
+                           "or GPUs (h100-8) without them and print what it needs per chip; nothing is trained")
 _AOT_MAX_BATCH = flags.DEFINE_bool("aot_max_batch", False, "with --aot: also search the largest batch_size that "
                                    "fits (by compiling; always done when the configured one does not fit)")
 _AOT_JSON = flags.DEFINE_string("aot_json", None, "with --aot: append the report to this file as one JSON line")

@@ -98,11 +98,14 @@ def topology(name: str) -> tuple[str, list, int]:
     megacore = {"chip_config_name": "megacore"} if topo_name.split(":")[0] in ("v4", "v5p") else {}
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topo_name, **megacore)
   except Exception as e:  # libtpu missing, or a name it does not know
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise InputError(f"cannot compile for TPU topology {topo_name!r} ({first}); ahead-of-time compilation needs "
-                     f"libtpu: pip install \"jax[tpu]=={jax.__version__}\"") from None
+    raise InputError(f"cannot compile for TPU topology {topo_name!r} ({_first_line(e)}); ahead-of-time compilation "
+                     f"needs libtpu: pip install \"jax[tpu]=={jax.__version__}\"") from None
   chips = math.prod(int(x) for x in topo_name.split(":")[1].split("x"))
   return topo_name, list(desc.devices), chips
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _gpu_topology(model: str, count: int) -> tuple[str, list, int]:
@@ -115,9 +118,8 @@ def _gpu_topology(model: str, count: int) -> tuple[str, list, int]:
     from jax.experimental import topologies  # noqa: PLC0415
     desc = topologies.get_topology_desc(platform="cuda", target_config=_GPU_TARGETS[model], topology=name)
   except Exception as e:  # no CUDA plugin
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise InputError(f"cannot compile for {model}-{count} ({first}); ahead-of-time compilation for NVIDIA GPUs "
-                     f"needs the CUDA plugin: pip install \"jax[cuda12-local]=={jax.__version__}\"") from None
+    raise InputError(f"cannot compile for {model}-{count} ({_first_line(e)}); ahead-of-time compilation for NVIDIA "
+                     f"GPUs needs the CUDA plugin: pip install \"jax[cuda12-local]=={jax.__version__}\"") from None
   return f"{model}:{name}", list(desc.devices), count
 
 
@@ -202,7 +204,7 @@ def max_batch(cfg, devices, capacity: int, shards: int, limit: int = 4096) -> in
 
 
 def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dict[str, Any]:
-  """The report of ``cfg``'s training step on TPU topology ``name`` (see the module doc); the largest batch that
+  """The report of ``cfg``'s training step on TPU topology or GPUs ``name`` (see the module doc); the largest batch that
   fits is searched when ``search`` or when the configured batch does not fit."""
   topo_name, devices, chips = topology(name)
   platform = "tpu" if devices[0].platform == "tpu" else "gpu"
