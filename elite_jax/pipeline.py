@@ -40,13 +40,19 @@ from elite_jax.weights.mapper_files import load_mapper
 
 class ElitePipeline:
   """Frozen Stable Diffusion + CLIP image encoder + ELITE mappers, placed on the default device in the modules'
-  dtype (``sd.configure(dtype=...)``)."""
+  dtype (``sd.configure(dtype=...)``).
+
+  A bundle whose parameters are ShapeDtypeStructs (``tiny.stable_diffusion_shapes``) makes an abstract pipeline:
+  nothing is placed, and ``programs`` gives what a generate call would compile (ahead-of-time plans, train/plan.py).
+  """
 
   def __init__(self, sd: StableDiffusion, global_mapper: MapperBundle, local_mapper: MapperBundle | None = None, *,
                controlnet: ControlNetModel | None = None, ip_adapter: IPAdapter | None = None):
     sd.check()
     self.sd = sd
-    self._models = jax.device_put(cast_floating(sd.params, sd.dtype))
+    self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(sd.params))
+    self._put = (lambda tree: tree) if self.abstract else jax.device_put
+    self._models = self._put(cast_floating(sd.params, sd.dtype))
     self._compiled: dict = {}
     self.controlnet = self.ip_adapter = None
     self.set_mappers(global_mapper, local_mapper)
@@ -60,8 +66,7 @@ class ElitePipeline:
     if controlnet is not None:
       controlnet.check_fits(self.sd.unet.config, self.sd.text_dim, self.sd.vae_scale_factor)
       controlnet = controlnet.configure(dtype=self.sd.dtype, attention_impl=self.sd.unet.attention_impl)
-      controlnet = dataclasses.replace(controlnet, params=jax.device_put(cast_floating(controlnet.params,
-                                                                                       self.sd.dtype)))
+      controlnet = dataclasses.replace(controlnet, params=self._put(cast_floating(controlnet.params, self.sd.dtype)))
     self.controlnet = controlnet
     self._compiled.clear()
     self._assemble()
@@ -70,9 +75,8 @@ class ElitePipeline:
     """Add this IP-Adapter's image-prompt term to every cross-attention from now on (None removes it)."""
     if ip_adapter is not None:
       ip_adapter = ip_adapter.configure(dtype=self.sd.dtype, attention_impl=self.sd.unet.attention_impl)
-      ip_adapter = dataclasses.replace(ip_adapter, params=jax.device_put(cast_floating(ip_adapter.params,
-                                                                                       self.sd.dtype)),
-                                       kv=jax.device_put(cast_floating(ip_adapter.kv, self.sd.dtype)))
+      ip_adapter = dataclasses.replace(ip_adapter, params=self._put(cast_floating(ip_adapter.params, self.sd.dtype)),
+                                       kv=self._put(cast_floating(ip_adapter.kv, self.sd.dtype)))
     self.ip_adapter = ip_adapter
     self._compiled.clear()
     self._assemble()
@@ -88,8 +92,8 @@ class ElitePipeline:
                                                                                                  local_mapper):
       self._compiled.clear()  # the traced functions read the mappers' configs
     dt = self.sd.dtype
-    self.global_mapper = jax.device_put(global_mapper.cast(dt))
-    self.local_mapper = None if local_mapper is None else jax.device_put(local_mapper.cast(dt))
+    self.global_mapper = self._put(global_mapper.cast(dt))
+    self.local_mapper = None if local_mapper is None else self._put(local_mapper.cast(dt))
     self._assemble()
 
   def _assemble(self) -> None:
@@ -165,12 +169,14 @@ class ElitePipeline:
     if mask is None and self.local_mapper is not None:
       mask = np.ones(image.shape[:2], np.uint8)
     inputs = image_processors.concept_inputs(self.sd.image_encoder, self.sd.image_processor, image, mask)
+    words, local = self._encode_program()(self.params, *_encode_inputs(inputs, self.local_mapper is not None))
+    return Concept(words, local)
+
+  def _encode_program(self) -> Callable:
     fn = self._compiled.get("encode")
     if fn is None:
       fn = self._compiled["encode"] = jax.jit(self._encode)
-    obj = None if self.local_mapper is None else (inputs.pixel_values_obj[None], inputs.token_mask[None])
-    words, local = fn(self.params, inputs.pixel_values_clip[None], obj)
-    return Concept(words, local)
+    return fn
 
   def _encode(self, params: Params, pixels: jax.Array, obj) -> tuple[jax.Array, jax.Array | None]:
     g, enc, dt = self.global_mapper, self.sd.image_encoder, self.sd.dtype
@@ -290,13 +296,8 @@ class ElitePipeline:
     use_local = concept.local is not None and lam > 0
     extras = extras or {"control": None, "ip": None}
     compose = self._compose_inputs(extras, cfg, ids.shape[0])
-    key = ("denoise", cfg, use_local, k, maps, extras["control"] is not None, extras["ip"] is not None)
-    fns = self._compiled.get(key)
-    if fns is None:
-      fns = self._compiled[key] = (jax.jit(functools.partial(self._start_fn, cfg=cfg, k=k, maps=maps)),
-                                   jax.jit(functools.partial(self._step_fn, cfg=cfg, maps=maps)),
-                                   jax.jit(self._decode_fn))
-    start, step, decode = fns
+    start, step, decode = self._denoise_programs(cfg, use_local, k, maps, extras["control"] is not None,
+                                                 extras["ip"] is not None)
     local = concept.local if use_local else None
     ids, index = jnp.asarray(ids), jnp.asarray(index)
     guidance, lam = jnp.float32(guidance), jnp.float32(lam)
@@ -309,6 +310,52 @@ class ElitePipeline:
         bar.update(1)
     img = decode(self.params["vae"], x)
     return jax.tree.map(np.asarray, (img, jax.tree.map(lambda a: a / sampler.num_steps, acc)) if maps else img)
+
+  def _denoise_programs(self, cfg: bool, use_local: bool, k: int, maps: bool, control: bool, ip: bool,
+                        ) -> tuple[Callable, Callable, Callable]:
+    """The jitted (start, step, decode) of a sampling loop of this kind, made once per kind."""
+    key = ("denoise", cfg, use_local, k, maps, control, ip)
+    fns = self._compiled.get(key)
+    if fns is None:
+      fns = self._compiled[key] = (jax.jit(functools.partial(self._start_fn, cfg=cfg, k=k, maps=maps)),
+                                   jax.jit(functools.partial(self._step_fn, cfg=cfg, maps=maps)),
+                                   jax.jit(self._decode_fn))
+    return fns
+
+  def programs(self, batch: int = 1, options: GenerationOptions | None = None, **changes: Any,
+               ) -> dict[str, tuple[Callable, tuple]]:
+    """The jitted programs that ``encode_concept`` (one concept) and ``generate`` (a UNet batch of ``batch``
+    images) run, with their arguments as ShapeDtypeStructs: {"encode", "start", "step", "decode"} -> (function,
+    args), to lower and compile ahead of time (``fn.lower(*args)``, train/plan.py). ``step`` runs ``options.steps``
+    times per batch. The plain pipeline's programs: no ControlNet, IP-Adapter or attention maps."""
+    if self.controlnet is not None or self.ip_adapter is not None:
+      raise InputError("programs: the plain pipeline only (no ControlNet or IP-Adapter)")
+    if batch < 1:
+      raise InputError(f"programs: batch must be at least 1, got {batch}")
+    opts = self.options(options, **changes)
+    shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    params = shapes(self.params)
+    image = np.zeros((opts.height, opts.width, 3), np.uint8)
+    mask = None if self.local_mapper is None else np.ones(image.shape[:2], np.uint8)
+    inputs = image_processors.concept_inputs(self.sd.image_encoder, self.sd.image_processor, image, mask)
+    encode = self._encode_program()
+    out = {"encode": (encode, (params, *shapes(_encode_inputs(inputs, mask is not None))))}
+    words, local = jax.eval_shape(encode, *out["encode"][1])
+    cfg, use_local = opts.guidance != 1.0, local is not None and opts.lam > 0
+    start, step, decode = self._denoise_programs(cfg, use_local, opts.words_injected(words.shape[1]), False, False,
+                                                 False)
+    f, sampler = self.sd.vae_scale_factor, schedulers.make_sampler(opts.scheduler, self.sd.schedule, int(opts.steps))
+    latents = jax.ShapeDtypeStruct((batch, opts.height // f, opts.width // f, self.sd.unet.config.in_channels),
+                                   jnp.float32)
+    local = local if use_local else None
+    index, lam, compose = np.zeros(batch, np.int32), np.float32(opts.lam), {"control": None, "ip": None}
+    out["start"] = (start, (params, words, local, *shapes((text.tokenize(self.sd.tokenizer, [""] * batch), index)),
+                            latents, *shapes((sampler, lam)), compose))
+    context, x, state, acc = jax.eval_shape(start, *out["start"][1])
+    out["step"] = (step, (params["unet"], context, local, *shapes((index,)), x, state, acc,
+                          *shapes((np.int32(0), sampler, np.float32(opts.guidance), lam)), compose))
+    out["decode"] = (decode, (params["vae"], x))
+    return out
 
   def _compose_inputs(self, extras: dict, cfg: bool, b: int) -> dict:
     """What the ControlNet and the IP-Adapter add to every step, for a batch of ``b`` images: the ControlNet's
@@ -422,6 +469,12 @@ def _maps_by_resolution(batches: list[dict], latent_hw: tuple[int, int]) -> dict
     h, w = -(-h // 2), -(-w // 2)
   return {kind: {sides[n]: np.concatenate([b[kind][n] for b in batches]).reshape(-1, *sides[n])
                  for n in sorted(batches[0][kind], reverse=True)} for kind in ("w0", "local")}
+
+
+def _encode_inputs(inputs: preprocess.ConceptInputs, local: bool) -> tuple:
+  """The encode program's image arguments: the CLIP pixels and, for a local mapper, the object's pixels and mask."""
+  obj = None if not local else (inputs.pixel_values_obj[None], inputs.token_mask[None])
+  return inputs.pixel_values_clip[None], obj
 
 
 def _mappers(sd: StableDiffusion, global_mapper, local_mapper) -> tuple[MapperBundle | None, MapperBundle | None]:

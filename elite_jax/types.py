@@ -33,7 +33,13 @@ def dtype_name(dt: Dtype) -> str:
 
 
 def cast_floating(tree: Any, dt: Dtype) -> Any:
-  """Floating leaves cast to ``dt``, integers untouched; numpy leaves stay numpy (on the host), jax leaves jax."""
+  """Floating leaves cast to ``dt``, integers untouched; numpy leaves stay numpy (on the host), jax leaves jax,
+  ShapeDtypeStructs shapes."""
   dt = dtype(dt)
-  return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def leaf(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return jax.ShapeDtypeStruct(x.shape, dt) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(dt)
+  return jax.tree.map(leaf, tree)
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from elite_jax import sharding
@@ -105,11 +106,40 @@ def test_the_command_reports_a_tiny_step_on_two_h100s_without_a_gpu(tmp_path):
   assert report["collectives"]["all-reduce"]["bytes"] > 0
 
 
+@pytest.mark.full
+def test_the_command_reports_tiny_inference_on_one_v5e_chip(tmp_path):
+  """``--aot_inference``: the tiny stage-2 pipeline's programs at 128 px for one chip of a v5e:2x2 slice, a report
+  per batch size, with the Pallas kernel in the UNet step."""
+  _need_libtpu()
+  out = tmp_path / "plan.jsonl"
+  proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_stage2.py"),
+                         "--config.data.resolution=128", "--aot", "v5e:2x2", "--aot_inference", "1,2",
+                         "--aot_json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1].startswith(
+      "fits: inference at batch 1, 2 on one TPU v5 lite of v5e:2x2: ")
+  reports = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["batch_size"] for r in reports] == [1, 2]
+  for r in reports:
+    assert (r["program"], r["stage"], r["attention"], r["resolution"], r["steps"]) == ("inference", 2, "pallas",
+                                                                                       128, 100)
+    assert r["fits"] and 0 < r["peak_gib"] < 1 and r["capacity_gib"] == 16.0
+    assert sorted(r["programs"]) == sorted(plan.INFERENCE_PROGRAMS)
+    assert r["programs"]["step"]["mosaic_kernels"] > 0 and r["programs"]["step"]["flops"] > 1e8
+  assert reports[1]["programs"]["step"]["flops"] == pytest.approx(2 * reports[0]["programs"]["step"]["flops"],
+                                                                  rel=0.05)
+
+
 def test_unknown_topology_is_one_line():
   proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_stage1.py"),
                          "--aot", "v9-8"], capture_output=True, text=True, cwd=REPO, timeout=300)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown TPU topology 'v9-8'")
+  proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_stage2.py"),
+                         "--aot", "v5e-1", "--aot_inference", "1,eight"], capture_output=True, text=True, cwd=REPO,
+                        timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == "error: --aot_inference takes batch sizes such as 1,8, got 1,eight"
 
 
 def test_max_batch_search_and_the_verdict(monkeypatch):
@@ -156,3 +186,64 @@ def test_topology_names():
   assert plan._GPU_NAME.match("h100-8").groups() == ("h100", "8") and not plan._GPU_NAME.match("h100-")
   with pytest.raises(InputError, match="unknown TPU topology 'v5e16'"):
     plan.topology("v5e16")
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree), jax.tree.structure(tree)
+
+
+def test_the_inference_programs_are_what_generate_runs():
+  """``ElitePipeline.programs`` names the functions and argument shapes that ``encode_concept`` and ``generate``
+  call (seen by wrapping the pipeline's jitted functions), at a batch of 2 images with the local mapper."""
+  from elite_jax.pipeline import ElitePipeline  # noqa: PLC0415
+  pipe = ElitePipeline.from_random("tiny")
+  opts = pipe.options(height=64, width=64, steps=2)
+  programs = pipe.programs(2, opts)
+  assert list(programs) == list(plan.INFERENCE_PROGRAMS)
+  called = {}
+
+  def spy(name, fn):
+    def call(*args):
+      called.setdefault(name, _shapes(args))
+      return fn(*args)
+    return call
+
+  denoise = [k for k in pipe._compiled if k != "encode"]
+  assert len(denoise) == 1  # programs() made one sampling loop's functions, which generate must find and use
+  pipe._compiled["encode"] = spy("encode", pipe._compiled["encode"])
+  pipe._compiled[denoise[0]] = tuple(spy(n, f) for n, f in zip(("start", "step", "decode"),
+                                                                pipe._compiled[denoise[0]]))
+  image = np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)
+  concept = pipe.encode_concept(image)
+  pipe.generate(concept, ["a photo of a S", "a S on the beach"], opts, progress=False)
+  assert sorted(called) == sorted(programs)
+  for name, (_, args) in programs.items():
+    assert called[name] == _shapes(args), name
+
+
+def test_the_inference_report_on_this_cpu(monkeypatch):
+  """The report's arithmetic on programs compiled for this host's CPU (the target patched in): the peak is the
+  weights plus the largest program's other bytes; the estimate adds start, the steps and decode."""
+  devices = jax.devices("cpu")[:1]
+  monkeypatch.setattr(plan, "_target", lambda name: plan._Target("cpu:1", name, devices, 1, 2 ** 30, 1e12))
+  cfg = load_config("tiny_stage2", **{"data.resolution": 64})
+  reports = plan.inference_plans(cfg, "cpu-1", [1, 2], steps=3)
+  pipe = plan.inference_pipeline(cfg)
+  unet_gib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pipe.params["unet"])) / 2 ** 30
+  assert [r["batch_size"] for r in reports] == [1, 2]
+  for r in reports:
+    progs = r["programs"]
+    assert list(progs) == list(plan.INFERENCE_PROGRAMS) and r["steps"] == 3 and r["stage"] == 2
+    assert progs["step"]["weights_gib"] == pytest.approx(unet_gib, rel=1e-3)  # the step reads the UNet's weights
+    assert 0 < progs["decode"]["weights_gib"] < progs["step"]["weights_gib"]
+    assert r["peak_gib"] == pytest.approx(r["weights_gib"] + max(p["gib"] - p["weights_gib"]
+                                                                 for p in progs.values()))
+    assert all(p["flops"] > 0 for p in progs.values())
+    assert r["fits"] == (r["peak_gib"] <= 1.0)
+  assert reports[1]["programs"]["step"]["flops"] > 1.5 * reports[0]["programs"]["step"]["flops"]
+  assert reports[1]["programs"]["encode"] is reports[0]["programs"]["encode"]  # one concept, compiled once
+  text = plan.describe_inference(reports)
+  assert text.splitlines()[-1].startswith("fits: inference at batch 1, 2 on one cpu of cpu-1: ")
+  too_big = [dict(reports[0], fits=True), dict(reports[1], fits=False, peak_gib=3.0)]
+  assert plan.inference_verdict(too_big) == ("does not fit: inference at batch 2 on one cpu of cpu-1 needs 3.00 GiB "
+                                             "of 1.00; batch 1 fits")

@@ -4,6 +4,7 @@
   elite-train --config configs/stage2_local.py  --workdir DIR --config.global_mapper=DIR1/global_mapper.safetensors
 
   elite-train --config configs/stage1_global.py --aot v5e-16 [--aot_max_batch]   # plan for a TPU pod, no TPU needed
+  elite-train --config configs/stage2_local.py --aot v5e-1 --aot_inference 1,8    # ... and for generating on one chip
 
 (``python train.py`` in a checkout is the same command.) ``--aot`` compiles the step for a TPU topology on this
 machine (libtpu: ``pip install -e ".[plan]"``; H100s: ``.[plan-gpu]``) and prints what it needs per chip (train/plan.py); nothing is
@@ -30,15 +31,27 @@ _AOT = flags.DEFINE_string("aot", None, "compile the step for this TPU topology 
 _AOT_MAX_BATCH = flags.DEFINE_bool("aot_max_batch", False, "with --aot: also search the largest batch_size that "
                                    "fits (by compiling; always done when the configured one does not fit)")
 _AOT_JSON = flags.DEFINE_string("aot_json", None, "with --aot: append the report to this file as one JSON line")
+_AOT_INFERENCE = flags.DEFINE_list("aot_inference", None, "with --aot: compile the inference programs of the "
+                                   "config's models (encode, start, step, decode) for one chip at these batch sizes "
+                                   "(e.g. 1,8) instead of the training step")
 
 
 def _plan(config) -> None:
+  from elite_jax.errors import InputError  # noqa: PLC0415
   from elite_jax.train import plan  # noqa: PLC0415
-  report = plan.plan(config, _AOT.value, search=_AOT_MAX_BATCH.value)
-  print(plan.describe(report), flush=True)
+  if _AOT_INFERENCE.value:
+    try:
+      batches = [int(b) for b in _AOT_INFERENCE.value]
+    except ValueError:
+      raise InputError(f"--aot_inference takes batch sizes such as 1,8, got {','.join(_AOT_INFERENCE.value)}") from None
+    reports = plan.inference_plans(config, _AOT.value, batches)
+    print(plan.describe_inference(reports), flush=True)
+  else:
+    reports = [plan.plan(config, _AOT.value, search=_AOT_MAX_BATCH.value)]
+    print(plan.describe(reports[0]), flush=True)
   if _AOT_JSON.value:
     with open(_AOT_JSON.value, "a") as f:
-      f.write(json.dumps(report) + "\n")
+      f.writelines(json.dumps(r) + "\n" for r in reports)
 
 
 def main(argv) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from elite_jax import sharding
 from elite_jax.errors import InputError
@@ -123,6 +124,10 @@ def _gpu_topology(model: str, count: int) -> tuple[str, list, int]:
   return f"{model}:{name}", list(desc.devices), count
 
 
+# Without a device XLA cannot autotune, and the Triton GEMMs' default tiling failed on float32 "highest" dots
+# ("Couldn't find output tile sizes"); cuBLAS calls need no tuning to compile.
+_GPU_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
 _COLLECTIVE = re.compile(r"= (.*?) (all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(-start)?\(")
 _ARRAY = re.compile(r"\b(pred|[sufc]\d+|bf16)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -159,16 +164,10 @@ def compile_plan(cfg: ml_collections.ConfigDict, devices: list) -> tuple[dict[st
   start = time.perf_counter()
   program = program_lib.build(cfg, mesh, abstract=True)
   gpu = devices[0].platform != "tpu"
-  # Without a device XLA cannot autotune, and the Triton GEMMs' default tiling failed on float32 "highest" dots
-  # ("Couldn't find output tile sizes"); cuBLAS calls need no tuning to compile.
-  compiled, stats = program.compile({"xla_gpu_enable_triton_gemm": False} if gpu else None)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else (cost or {})
+  compiled, stats = program.compile(_GPU_OPTIONS if gpu else None)
   if gpu:  # compile-only GPUs have no cost analysis
     stats["flops"] = None
-  # XLA's estimate; it gives a negative number where it has none (seen with Mosaic kernels in the program).
-  estimate = float(cost.get("optimal_seconds", 0.0))
-  stats["estimated_seconds"] = estimate if estimate > 0 else None
+  stats["estimated_seconds"] = _estimate(compiled)
   stats["compile_seconds"] = time.perf_counter() - start
   stats["mesh"] = dict(mesh.shape)
   stats["batch_shards"] = sharding.batch_shards(mesh)
@@ -203,19 +202,63 @@ def max_batch(cfg, devices, capacity: int, shards: int, limit: int = 4096) -> in
   return lo * unit
 
 
-def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dict[str, Any]:
-  """The report of ``cfg``'s training step on TPU topology or GPUs ``name`` (see the module doc); the largest batch that
-  fits is searched when ``search`` or when the configured batch does not fit."""
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  """The devices of a topology or GPUs named on the command line, and what each holds and computes."""
+  topology: str
+  accelerator: str
+  devices: list
+  chips: int
+  capacity: int  # HBM bytes per device
+  peak_flops: float  # per device
+
+  @property
+  def kind(self) -> str:
+    return self.devices[0].device_kind
+
+  @property
+  def platform(self) -> str:  # "tpu", "gpu" or (tests) "cpu"
+    p = self.devices[0].platform
+    return p if p in ("tpu", "cpu") else "gpu"
+
+  @property
+  def gpu(self) -> bool:
+    return self.platform == "gpu"
+
+  def for_target(self, cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """An unlocked copy of ``cfg`` whose "auto" attention is the target's kernel (TPU: Pallas, by Mosaic)."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.attention_impl = attention.resolve(cfg.attention_impl, self.platform)
+    return cfg
+
+
+def _target(name: str) -> _Target:
   topo_name, devices, chips = topology(name)
-  platform = "tpu" if devices[0].platform == "tpu" else "gpu"
-  cfg = ml_collections.ConfigDict(cfg.to_dict())  # "auto" attention means the target's kernel (TPU: Pallas, Mosaic)
-  cfg.attention_impl = attention.resolve(cfg.attention_impl, platform)
   kind = devices[0].device_kind
   if kind not in CHIPS:
     raise InputError(f"no HBM figure for {kind!r} (known: {', '.join(CHIPS)})")
   chip = CHIPS[kind]
   per_chip = len(devices) // chips  # 1: v4 and v5p are compiled in megacore mode, a device per chip
-  capacity, peak = chip.hbm_bytes // per_chip, chip.peak_flops / per_chip
+  accelerator = name if name in TOPOLOGIES or _GPU_NAME.match(name) else topo_name
+  return _Target(topo_name, accelerator, devices, chips, chip.hbm_bytes // per_chip, chip.peak_flops / per_chip)
+
+
+def _estimate(compiled) -> float | None:
+  """XLA's time estimate of a compiled program; none where it gives a negative number (seen with Mosaic kernels in
+  the program) or has no cost analysis (compile-only GPUs)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else (cost or {})
+  estimate = float(cost.get("optimal_seconds", 0.0))
+  return estimate if estimate > 0 else None
+
+
+def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dict[str, Any]:
+  """The report of ``cfg``'s training step on TPU topology or GPUs ``name`` (see the module doc); the largest batch that
+  fits is searched when ``search`` or when the configured batch does not fit."""
+  target = _target(name)
+  topo_name, devices, chips, kind, capacity, peak = (target.topology, target.devices, target.chips, target.kind,
+                                                     target.capacity, target.peak_flops)
+  cfg = target.for_target(cfg)
   try:
     stats, hlo = compile_plan(cfg, devices)
     compiled = True
@@ -226,8 +269,7 @@ def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dic
   need = stats.get("bytes_per_device", capacity + 1)
   fits = compiled and need <= capacity
   report: dict[str, Any] = {
-      "topology": topo_name, "accelerator": name if name in TOPOLOGIES or _GPU_NAME.match(name) else topo_name,
-      "device_kind": kind,
+      "topology": topo_name, "accelerator": target.accelerator, "device_kind": kind,
       "devices": len(devices), "chips": chips, "stage": int(cfg.stage), "batch_size": int(cfg.batch_size),
       "grad_accum": int(cfg.grad_accum), "compute_dtype": str(cfg.compute_dtype),
       "frozen_dtype": str(cfg.frozen_dtype), "shard_frozen": bool(cfg.shard_frozen), "remat": bool(cfg.remat),
@@ -287,3 +329,119 @@ def describe(report: dict[str, Any]) -> str:
        if r["estimated_step_seconds"] else "XLA's estimate: none given for this program"),
       f"compiled in {r['compile_seconds']:.1f} s",
       verdict(r)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference: what ElitePipeline compiles, on one chip
+# ---------------------------------------------------------------------------------------------------------------
+
+INFERENCE_PROGRAMS = ("encode", "start", "step", "decode")
+
+
+def inference_pipeline(cfg: ml_collections.ConfigDict):
+  """The abstract ElitePipeline of ``cfg``'s models (shapes, nothing loaded) in its compute dtype and attention:
+  the global mapper, and for a stage-2 config the local mapper too."""
+  from elite_jax import concept, tiny  # noqa: PLC0415
+  from elite_jax.pipeline import ElitePipeline  # noqa: PLC0415
+  sd, mapper, _ = program_lib.load_models(cfg, abstract=True)
+  kinds = ("global", "local") if cfg.stage == 2 else ("global",)
+  return ElitePipeline(sd.configure(remat=False),
+                       *[tiny.shapes(concept.mapper_shapes(mapper, kind, sd.unet.config)) for kind in kinds])
+
+
+def _tree_bytes(tree) -> int:
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def inference_plans(cfg: ml_collections.ConfigDict, name: str, batches: list[int], steps: int | None = None,
+                    ) -> list[dict[str, Any]]:
+  """One report per UNet batch size: the programs ``ElitePipeline.programs`` names (encode one concept; start, one
+  sampler step, decode a batch) compiled for one device of ``name`` (the pipeline runs on one), at ``cfg``'s
+  resolution and the default options (``steps`` sampler steps). Memory: all weights stay on the device, so the peak
+  is the weights plus the largest program's other arguments (counted whole), outputs and temporaries."""
+  target = _target(name)
+  cfg = target.for_target(cfg)
+  pipe = inference_pipeline(cfg)
+  res = int(cfg.data.resolution)
+  opts = pipe.options(height=res, width=res, **({"steps": int(steps)} if steps else {}))
+  mesh = jax.sharding.Mesh(np.array(target.devices[:1]), ("device",))
+  place = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  weights = _tree_bytes(pipe.params)
+  reports, done = [], {}
+  for batch in batches:
+    programs = pipe.programs(batch, opts)
+    stats = {}
+    for pname in INFERENCE_PROGRAMS:
+      if pname == "encode" and pname in done:  # one concept, whatever the batch
+        stats[pname] = done[pname]
+        continue
+      fn, args = programs[pname]
+      start = time.perf_counter()
+      args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place), args)
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the attention kernel is the target's
+        lowered = fn.lower(*args)
+      compiled = lowered.compile(_GPU_OPTIONS) if target.gpu else lowered.compile()
+      s = program_lib.compiled_stats(compiled)
+      text = compiled.as_text()
+      stats[pname] = done[pname] = {
+          "gib": s["bytes_per_device"] / GiB,
+          **{f"{k}_gib": s[f"{k}_bytes"] / GiB for k in ("argument", "output", "temp", "alias")},
+          # What it reads of the weights (jit drops unused arguments: encode reads no UNet), the rest of its
+          # arguments being the inputs it is given.
+          "weights_gib": max(0, s["argument_bytes"] - _tree_bytes(args[1:])) / GiB,
+          "flops": None if target.gpu else s["flops"],
+          "estimated_seconds": _estimate(compiled), "mosaic_kernels": text.count('custom_call_target="tpu_custom_call"'),
+          "compile_seconds": time.perf_counter() - start}
+    peak = weights / GiB + max(p["gib"] - p["weights_gib"] for p in stats.values())
+    times = [stats[p]["estimated_seconds"] for p in ("start", "step", "decode")]
+    batch_seconds = times[0] + opts.steps * times[1] + times[2] if all(times) else None
+    reports.append({
+        "program": "inference", "topology": target.topology, "accelerator": target.accelerator,
+        "device_kind": target.kind, "stage": int(cfg.stage), "batch_size": int(batch), "resolution": res,
+        "steps": int(opts.steps), "scheduler": opts.scheduler, "guidance": float(opts.guidance),
+        "compute_dtype": pipe.dtype, "attention": str(cfg.attention_impl), "capacity_gib": target.capacity / GiB,
+        "weights_gib": weights / GiB, "peak_gib": peak, "fits": bool(peak <= target.capacity / GiB),
+        "programs": stats, "estimated_batch_seconds": batch_seconds,
+        "images_per_second": batch / batch_seconds if batch_seconds else None})
+  return reports
+
+
+def describe_inference(reports: list[dict[str, Any]]) -> str:
+  """The inference reports as lines of text, a verdict last."""
+  r0 = reports[0]
+  mappers = "global and local mappers" if r0["stage"] == 2 else "global mapper"
+  lines = [f"inference on one {r0['device_kind']} ({r0['capacity_gib']:.2f} GiB) of {r0['accelerator']}: stage-"
+           f"{r0['stage']} models ({mappers}), {r0['compute_dtype']}, attention {r0['attention']}, "
+           f"{r0['resolution']} px, {r0['steps']} {r0['scheduler']} steps, guidance {r0['guidance']:g}; "
+           f"weights {r0['weights_gib']:.2f} GiB"]
+  for r in reports:
+    lines.append(f"batch {r['batch_size']}:")
+    for pname, p in r["programs"].items():
+      flops = f"{p['flops']:.3e} FLOPs" if p["flops"] else "FLOPs n/a"
+      est = f"{1e3 * p['estimated_seconds']:.1f} ms" if p["estimated_seconds"] else "no estimate"
+      lines.append(f"  {pname:<7}{p['gib']:.2f} GiB (weights {p['weights_gib']:.2f}, other arguments "
+                   f"{p['argument_gib'] - p['weights_gib']:.2f}, outputs {p['output_gib']:.2f}, temporaries "
+                   f"{p['temp_gib']:.2f}); {flops}; XLA's estimate {est}; Mosaic kernels {p['mosaic_kernels']}; "
+                   f"compiled in {p['compile_seconds']:.1f} s")
+    est = (f"{r['estimated_batch_seconds']:.2f} s per batch, {r['images_per_second']:.2f} images/s"
+           if r["estimated_batch_seconds"] else "none")
+    lines.append(f"  peak {r['peak_gib']:.2f} of {r['capacity_gib']:.2f} GiB; XLA's estimate of start + "
+                 f"{r['steps']} steps + decode: {est}")
+  lines.append(inference_verdict(reports))
+  return "\n".join(lines)
+
+
+def inference_verdict(reports: list[dict[str, Any]]) -> str:
+  """One line: the largest batch size tried that fits one device, or that none does."""
+  r0 = reports[0]
+  where = f"one {r0['device_kind']} of {r0['accelerator']}"
+  fit = [r for r in reports if r["fits"]]
+  if len(fit) == len(reports):
+    best = max(fit, key=lambda r: r["batch_size"])
+    return (f"fits: inference at batch {', '.join(str(r['batch_size']) for r in reports)} on {where}: "
+            f"{best['peak_gib']:.2f} of {best['capacity_gib']:.2f} GiB at batch {best['batch_size']}")
+  worst = min((r for r in reports if not r["fits"]), key=lambda r: r["batch_size"])
+  best = (f"; batch {max(r['batch_size'] for r in fit)} fits" if fit else
+          "; no batch tried fits (try compute_dtype bfloat16)")
+  return (f"does not fit: inference at batch {worst['batch_size']} on {where} needs {worst['peak_gib']:.2f} GiB of "
+          f"{worst['capacity_gib']:.2f}{best}")

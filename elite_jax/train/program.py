@@ -184,14 +184,7 @@ class TrainProgram:
     (arguments, outputs and temporaries, less what donation reuses) and FLOPs per step, from XLA's own analyses."""
     lowered = self.step.lower(self.abstract_state(), self.frozen, self.abstract_batch())
     compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
-    mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    stats = {"flops": float((cost or {}).get("flops", 0.0))}
-    if mem is not None:
-      parts = {f: int(getattr(mem, f"{f}_size_in_bytes", 0)) for f in ("argument", "output", "temp", "alias")}
-      stats.update({f"{k}_bytes": v for k, v in parts.items()})
-      stats["bytes_per_device"] = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
-    return compiled, stats
+    return compiled, compiled_stats(compiled)
 
   def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's (B_host, ...) numpy batch -> global (grad_accum, micro, ...) arrays on the mesh (other keys of
@@ -204,6 +197,19 @@ class TrainProgram:
       out[k] = jax.make_array_from_process_local_data(sh, local, (accum, local.shape[1] * jax.process_count())
                                                       + v.shape[1:])
     return out
+
+
+def compiled_stats(compiled) -> dict[str, float]:
+  """What a compiled program needs, from XLA's own analyses: bytes per device (arguments, outputs, temporaries,
+  less what donation reuses) and FLOPs (0 where XLA gives none)."""
+  mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  stats = {"flops": float((cost or {}).get("flops", 0.0))}
+  if mem is not None:
+    parts = {f: int(getattr(mem, f"{f}_size_in_bytes", 0)) for f in ("argument", "output", "temp", "alias")}
+    stats.update({f"{k}_bytes": v for k, v in parts.items()})
+    stats["bytes_per_device"] = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
+  return stats
 
 
 def build(cfg, mesh: Mesh, abstract: bool = False) -> TrainProgram:
