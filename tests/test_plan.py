@@ -246,4 +246,8 @@ def test_the_inference_report_on_this_cpu(monkeypatch):
   assert text.splitlines()[-1].startswith("fits: inference at batch 1, 2 on one cpu of cpu-1: ")
   too_big = [dict(reports[0], fits=True), dict(reports[1], fits=False, peak_gib=3.0)]
   assert plan.inference_verdict(too_big) == ("does not fit: inference at batch 2 on one cpu of cpu-1 needs 3.00 GiB "
-                                             "of 1.00; batch 1 fits")
+                                             "of 1.00 GiB; batch 1 fits")
+  refused = dict(reports[0], fits=False, peak_gib=None, programs=dict(reports[0]["programs"], step=None))
+  assert plan.describe_inference([refused]).splitlines()[-1] == (
+      "does not fit: inference at batch 1 on one cpu of cpu-1 needs more than its 1.00 GiB; no batch tried fits "
+      "(try --config.compute_dtype=bfloat16)")

@@ -174,11 +174,16 @@ def compile_plan(cfg: ml_collections.ConfigDict, devices: list) -> tuple[dict[st
   return stats, compiled.as_text()
 
 
+def _out_of_memory(e: Exception) -> bool:
+  """Whether XLA refused to compile a program larger than the device (RESOURCE_EXHAUSTED)."""
+  return "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
+
+
 def _fits(cfg, devices, capacity: int) -> bool:
   try:
     stats, _ = compile_plan(cfg, devices)
-  except Exception as e:  # XLA refuses a program larger than the chip (RESOURCE_EXHAUSTED)
-    if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+  except Exception as e:
+    if _out_of_memory(e):
       return False
     raise
   return stats["bytes_per_device"] <= capacity
@@ -263,7 +268,7 @@ def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dic
     stats, hlo = compile_plan(cfg, devices)
     compiled = True
   except Exception as e:
-    if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+    if not _out_of_memory(e):
       raise
     stats, hlo, compiled = {}, "", False
   need = stats.get("bytes_per_device", capacity + 1)
@@ -380,7 +385,13 @@ def inference_plans(cfg: ml_collections.ConfigDict, name: str, batches: list[int
       args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place), args)
       with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the attention kernel is the target's
         lowered = fn.lower(*args)
-      compiled = lowered.compile(_GPU_OPTIONS) if target.gpu else lowered.compile()
+      try:
+        compiled = lowered.compile(_GPU_OPTIONS) if target.gpu else lowered.compile()
+      except Exception as e:
+        if not _out_of_memory(e):
+          raise
+        stats[pname] = done.get(pname) if pname == "encode" else None  # XLA refused: larger than the device
+        continue
       s = program_lib.compiled_stats(compiled)
       text = compiled.as_text()
       stats[pname] = done[pname] = {
@@ -390,17 +401,20 @@ def inference_plans(cfg: ml_collections.ConfigDict, name: str, batches: list[int
           # arguments being the inputs it is given.
           "weights_gib": max(0, s["argument_bytes"] - _tree_bytes(args[1:])) / GiB,
           "flops": None if target.gpu else s["flops"],
-          "estimated_seconds": _estimate(compiled), "mosaic_kernels": text.count('custom_call_target="tpu_custom_call"'),
+          "estimated_seconds": _estimate(compiled),
+          "mosaic_kernels": text.count('custom_call_target="tpu_custom_call"'),
           "compile_seconds": time.perf_counter() - start}
-    peak = weights / GiB + max(p["gib"] - p["weights_gib"] for p in stats.values())
-    times = [stats[p]["estimated_seconds"] for p in ("start", "step", "decode")]
+    compiled_all = all(p is not None for p in stats.values())
+    peak = weights / GiB + max(p["gib"] - p["weights_gib"] for p in stats.values()) if compiled_all else None
+    times = [stats[p]["estimated_seconds"] if stats[p] else None for p in ("start", "step", "decode")]
     batch_seconds = times[0] + opts.steps * times[1] + times[2] if all(times) else None
     reports.append({
         "program": "inference", "topology": target.topology, "accelerator": target.accelerator,
         "device_kind": target.kind, "stage": int(cfg.stage), "batch_size": int(batch), "resolution": res,
         "steps": int(opts.steps), "scheduler": opts.scheduler, "guidance": float(opts.guidance),
         "compute_dtype": pipe.dtype, "attention": str(cfg.attention_impl), "capacity_gib": target.capacity / GiB,
-        "weights_gib": weights / GiB, "peak_gib": peak, "fits": bool(peak <= target.capacity / GiB),
+        "weights_gib": weights / GiB, "peak_gib": peak,
+        "fits": peak is not None and peak <= target.capacity / GiB,
         "programs": stats, "estimated_batch_seconds": batch_seconds,
         "images_per_second": batch / batch_seconds if batch_seconds else None})
   return reports
@@ -417,6 +431,9 @@ def describe_inference(reports: list[dict[str, Any]]) -> str:
   for r in reports:
     lines.append(f"batch {r['batch_size']}:")
     for pname, p in r["programs"].items():
+      if p is None:
+        lines.append(f"  {pname:<7}larger than the device (XLA refused to compile it)")
+        continue
       flops = f"{p['flops']:.3e} FLOPs" if p["flops"] else "FLOPs n/a"
       est = f"{1e3 * p['estimated_seconds']:.1f} ms" if p["estimated_seconds"] else "no estimate"
       lines.append(f"  {pname:<7}{p['gib']:.2f} GiB (weights {p['weights_gib']:.2f}, other arguments "
@@ -425,7 +442,8 @@ def describe_inference(reports: list[dict[str, Any]]) -> str:
                    f"compiled in {p['compile_seconds']:.1f} s")
     est = (f"{r['estimated_batch_seconds']:.2f} s per batch, {r['images_per_second']:.2f} images/s"
            if r["estimated_batch_seconds"] else "none")
-    lines.append(f"  peak {r['peak_gib']:.2f} of {r['capacity_gib']:.2f} GiB; XLA's estimate of start + "
+    peak = "over" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+    lines.append(f"  peak {peak} of {r['capacity_gib']:.2f} GiB; XLA's estimate of start + "
                  f"{r['steps']} steps + decode: {est}")
   lines.append(inference_verdict(reports))
   return "\n".join(lines)
@@ -442,6 +460,7 @@ def inference_verdict(reports: list[dict[str, Any]]) -> str:
             f"{best['peak_gib']:.2f} of {best['capacity_gib']:.2f} GiB at batch {best['batch_size']}")
   worst = min((r for r in reports if not r["fits"]), key=lambda r: r["batch_size"])
   best = (f"; batch {max(r['batch_size'] for r in fit)} fits" if fit else
-          "; no batch tried fits (try compute_dtype bfloat16)")
-  return (f"does not fit: inference at batch {worst['batch_size']} on {where} needs {worst['peak_gib']:.2f} GiB of "
-          f"{worst['capacity_gib']:.2f}{best}")
+          "; no batch tried fits (try --config.compute_dtype=bfloat16)")
+  cap = worst["capacity_gib"]
+  need = f"more than its {cap:.2f}" if worst["peak_gib"] is None else f"{worst['peak_gib']:.2f} GiB of {cap:.2f}"
+  return f"does not fit: inference at batch {worst['batch_size']} on {where} needs {need} GiB{best}"
