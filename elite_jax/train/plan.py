@@ -435,10 +435,10 @@ def describe_inference(reports: list[dict[str, Any]]) -> str:
         lines.append(f"  {pname:<7}larger than the device (XLA refused to compile it)")
         continue
       flops = f"{p['flops']:.3e} FLOPs" if p["flops"] else "FLOPs n/a"
-      est = f"{1e3 * p['estimated_seconds']:.1f} ms" if p["estimated_seconds"] else "no estimate"
+      est = f"XLA's estimate {1e3 * p['estimated_seconds']:.1f} ms" if p["estimated_seconds"] else "no XLA estimate"
       lines.append(f"  {pname:<7}{p['gib']:.2f} GiB (weights {p['weights_gib']:.2f}, other arguments "
                    f"{p['argument_gib'] - p['weights_gib']:.2f}, outputs {p['output_gib']:.2f}, temporaries "
-                   f"{p['temp_gib']:.2f}); {flops}; XLA's estimate {est}; Mosaic kernels {p['mosaic_kernels']}; "
+                   f"{p['temp_gib']:.2f}); {flops}; {est}; Mosaic kernels {p['mosaic_kernels']}; "
                    f"compiled in {p['compile_seconds']:.1f} s")
     est = (f"{r['estimated_batch_seconds']:.2f} s per batch, {r['images_per_second']:.2f} images/s"
            if r["estimated_batch_seconds"] else "none")
