@@ -162,6 +162,7 @@ class ElitePipeline:
 
     Without a mask, the local mapper (if loaded) sees the whole image as the object (a mask of ones).
     """
+    self._need_weights()
     if not isinstance(image, np.ndarray):
       image = preprocess.load_image(image)
     if mask is not None and not isinstance(mask, np.ndarray):
@@ -171,6 +172,11 @@ class ElitePipeline:
     inputs = image_processors.concept_inputs(self.sd.image_encoder, self.sd.image_processor, image, mask)
     words, local = self._encode_program()(self.params, *_encode_inputs(inputs, self.local_mapper is not None))
     return Concept(words, local)
+
+  def _need_weights(self) -> None:
+    if self.abstract:
+      raise InputError("this pipeline holds shapes, not weights (for ahead-of-time plans): load one with "
+                       "ElitePipeline.from_pretrained to encode or generate")
 
   def _encode_program(self) -> Callable:
     fn = self._compiled.get("encode")
@@ -218,6 +224,7 @@ class ElitePipeline:
     ``control_end`` weigh it. ``ip_image`` (path or (H, W, 3) uint8): the image prompt, required with an
     IP-Adapter loaded, weighed by ``options.ip_scale``.
     """
+    self._need_weights()
     opts = self.options(options, **changes)
     extras = self._extras(opts, control_image, ip_image)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)

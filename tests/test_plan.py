@@ -242,6 +242,8 @@ def test_the_inference_report_on_this_cpu(monkeypatch):
     assert r["fits"] == (r["peak_gib"] <= 1.0)
   assert reports[1]["programs"]["step"]["flops"] > 1.5 * reports[0]["programs"]["step"]["flops"]
   assert reports[1]["programs"]["encode"] is reports[0]["programs"]["encode"]  # one concept, compiled once
+  with pytest.raises(InputError, match="this pipeline holds shapes, not weights"):
+    pipe.encode_concept(np.zeros((64, 64, 3), np.uint8))
   text = plan.describe_inference(reports)
   assert text.splitlines()[-1].startswith("fits: inference at batch 1, 2 on one cpu of cpu-1: ")
   too_big = [dict(reports[0], fits=True), dict(reports[1], fits=False, peak_gib=3.0)]
