@@ -164,6 +164,20 @@ def test_max_batch_search_and_the_verdict(monkeypatch):
   assert "\n" not in line
 
 
+def test_flops_and_estimate_count_every_accumulation_step(monkeypatch):
+  """XLA's analyses count the accumulation scan's body once; the report counts it grad_accum times."""
+  devices = jax.devices("cpu")[:2]
+  monkeypatch.setattr(plan, "_target", lambda name: plan._Target("cpu:2", name, devices, 2, 2 ** 30, 1e12))
+  stats = {"flops": 3e9, "estimated_seconds": 0.01, "bytes_per_device": 2 ** 20, "argument_bytes": 2 ** 20,
+           "output_bytes": 0, "temp_bytes": 0, "alias_bytes": 0, "compile_seconds": 1.0,
+           "mesh": {"data": 2, "fsdp": 1, "tensor": 1}, "batch_shards": 2}
+  monkeypatch.setattr(plan, "compile_plan", lambda cfg, devices: (dict(stats), ""))
+  r = plan.plan(load_config("tiny_stage1", batch_size=16, grad_accum=4), "cpu-2")
+  assert r["flops_per_device"] == 4 * 3e9 and r["flops_per_step"] == 2 * 4 * 3e9
+  assert r["estimated_step_seconds"] == pytest.approx(0.04) and r["samples_per_second"] == pytest.approx(16 / 0.04)
+  assert r["mfu"] == pytest.approx(4 * 3e9 / (0.04 * 1e12))
+
+
 @pytest.mark.full
 def test_v4_and_v5p_are_a_device_per_chip():
   """As on a real v4 or v5p pod (megacore): 4 devices for v4-8, each a chip, on which the project's mesh is built

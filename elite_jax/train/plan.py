@@ -281,14 +281,19 @@ def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dic
       "resolution": int(cfg.data.resolution), "attention": str(cfg.attention_impl),
       "capacity_gib": capacity / GiB, "fits": bool(fits)}
   if compiled:
-    t = stats["estimated_seconds"]
+    # XLA's cost and time analyses count a loop's body once (tiny stage 1 at grad_accum 1 and 2, the same micro-batch:
+    # 6.935e9 and 6.936e9 FLOPs), and the step's accumulation scan runs it grad_accum times; the update outside the
+    # loop is then counted grad_accum times too, under 0.1% of a step.
+    accum = int(cfg.grad_accum)
+    flops = None if stats["flops"] is None else stats["flops"] * accum
+    t = None if stats["estimated_seconds"] is None else stats["estimated_seconds"] * accum
     report.update({
         "mesh": stats["mesh"], "gib_per_device": need / GiB,
         **{f"{k}_gib": stats[f"{k}_bytes"] / GiB for k in ("argument", "output", "temp", "alias")},
-        "flops_per_device": stats["flops"],
-        "flops_per_step": stats["flops"] * len(devices) if stats["flops"] is not None else None,
+        "flops_per_device": flops,
+        "flops_per_step": flops * len(devices) if flops is not None else None,
         "estimated_step_seconds": t, "samples_per_second": cfg.batch_size / t if t else None,
-        "mfu": stats["flops"] / (t * peak) if t and stats["flops"] else None, "collectives": collectives(hlo),
+        "mfu": flops / (t * peak) if t and flops else None, "collectives": collectives(hlo),
         "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
         "compile_seconds": stats["compile_seconds"]})
   if search or not fits:
