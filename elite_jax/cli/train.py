@@ -4,7 +4,7 @@
   elite-train --config configs/stage2_local.py  --workdir DIR --config.global_mapper=DIR1/global_mapper.safetensors
 
   elite-train --config configs/stage1_global.py --aot v5e-16 [--aot_max_batch]   # plan for a TPU pod, no TPU needed
-  elite-train --config configs/stage2_local.py --aot v5e-1 --aot_inference 1,8    # ... and for generating on one chip
+  elite-train --config configs/stage2_local.py --aot v5e-4 --aot_inference 1,8    # ... and for generating on one chip
 
 (``python train.py`` in a checkout is the same command.) ``--aot`` compiles the step for a TPU topology on this
 machine (libtpu: ``pip install -e ".[plan]"``; H100s: ``.[plan-gpu]``) and prints what it needs per chip (train/plan.py); nothing is
