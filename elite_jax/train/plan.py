@@ -98,9 +98,12 @@ def topology(name: str) -> tuple[str, list, int]:
     # v4 and v5p chips hold two TensorCores, which JAX shows as one device ("megacore"), as on a real pod.
     megacore = {"chip_config_name": "megacore"} if topo_name.split(":")[0] in ("v4", "v5p") else {}
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topo_name, **megacore)
-  except Exception as e:  # libtpu missing, or a name it does not know
-    raise InputError(f"cannot compile for TPU topology {topo_name!r} ({_first_line(e)}); ahead-of-time compilation "
-                     f"needs libtpu: pip install \"jax[tpu]=={jax.__version__}\"") from None
+  except Exception as e:  # libtpu missing, or a topology it refuses (v5e:1x1 is smaller than a host's 2x2)
+    import importlib.util  # noqa: PLC0415
+    hint = ("ahead-of-time compilation needs libtpu: pip install \"jax[tpu]=={jax.__version__}\""
+            if importlib.util.find_spec("libtpu") is None else "libtpu refuses this topology; try a whole host, "
+            "such as v5e-4 or v4-8")
+    raise InputError(f"cannot compile for TPU topology {topo_name!r} ({_first_line(e)}); {hint}") from None
   chips = math.prod(int(x) for x in topo_name.split(":")[1].split("x"))
   return topo_name, list(desc.devices), chips
 
