@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -143,18 +144,36 @@ def test_unknown_topology_is_one_line():
 
 
 def test_max_batch_search_and_the_verdict(monkeypatch):
-  """The search compiles at multiples of the step's granularity; a batch that does not fit gets one line naming the
-  largest that does."""
+  """The search compiles at multiples of the step's granularity, finds the largest batch that fits for any memory that
+  grows with the batch (linear, concave, convex, refused by XLA beyond a size), in 4 compiles where memory is linear;
+  a batch that does not fit gets one line naming the largest that does."""
   tried = []
+  model = {}
 
-  def fits(cfg, devices, capacity):
+  def need(cfg, devices):
     tried.append(cfg.batch_size)
-    return cfg.batch_size <= 40
+    return model["f"](cfg.batch_size)
 
-  monkeypatch.setattr(plan, "_fits", fits)
-  cfg = load_config("tiny_stage1", grad_accum=2)
-  assert plan.max_batch(cfg, [], 1, shards=4) == 40  # multiples of 4 data shards x 2 accumulation steps
-  assert all(b % 8 == 0 for b in tried)
+  monkeypatch.setattr(plan, "_need", need)
+  cfg = load_config("tiny_stage1", grad_accum=2)  # unit: 4 data shards x 2 accumulation steps = 8
+  cases = {"linear": lambda b: 5.0 + 0.3 * b, "concave": lambda b: 5.0 + 3 * math.sqrt(b),
+           "convex": lambda b: 5.0 + 0.002 * b * b, "steps": lambda b: 5.0 + 4 * (b // 64),
+           "refused": lambda b: math.inf if b > 200 else 1.0 + 0.01 * b, "fixed": lambda b: 7.0,
+           "none": lambda b: 17.0}
+  for name, f in cases.items():
+    model["f"] = f
+    for capacity in (8, 16, 200):
+      tried.clear()
+      best = max([b for b in range(8, 4097, 8) if f(b) <= capacity], default=0)
+      assert plan.max_batch(cfg, [], capacity, shards=4) == best, (name, capacity, tried)
+      assert all(b % 8 == 0 for b in tried) and len(tried) == len(set(tried)), (name, tried)
+      assert len(tried) <= 18, (name, capacity, tried)  # doubling then bisection over 512 sizes: up to 18
+  model["f"] = cases["linear"]
+  tried.clear()
+  assert plan.max_batch(cfg, [], 16, shards=4) == 32
+  assert len(tried) == 4, tried  # 8, 16, then the line's 32 and 40 to confirm
+  tried.clear()
+  assert plan.max_batch(cfg, [], 16, shards=4, known={16: cases["linear"](16)}) == 32 and 16 not in tried
   assert plan.max_batch(cfg, [], 1, shards=64) == 0
   line = plan.verdict({"accelerator": "v5e-16", "devices": 16, "device_kind": "TPU v5 lite", "fits": False,
                        "stage": 1, "batch_size": 64, "gib_per_device": 20.5, "capacity_gib": 16.0,
