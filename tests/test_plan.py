@@ -59,6 +59,29 @@ def test_the_plan_compiles_the_training_programs_step():
   assert text(real) == text(abstract)
 
 
+def test_the_placement_is_what_the_devices_hold():
+  """The plan's placement (GiB per group in all and per device, arrays split) of the abstract program is what the
+  placed arrays of the real one hold on a device: replicated with a data mesh, split by the rules table with fsdp."""
+  devices = jax.devices()[:2]
+  for mesh_axes, shard_frozen in (({"data": 2}, False), ({"data": 1, "fsdp": 2}, True)):
+    cfg = load_config("tiny_stage1", batch_size=4, shard_frozen=shard_frozen)
+    mesh = sharding.make_mesh(**mesh_axes, devices=devices)
+    got = plan.placement(program.build(cfg, mesh, abstract=True))
+    real = program.build(cfg, mesh)
+    state = real.init_state()
+    for name, tree in (("trained", state.params), ("optimizer", state.opt_state), ("frozen", real.frozen)):
+      leaves = jax.tree.leaves(tree)
+      on_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+      assert got[name]["gib_per_device"] == pytest.approx(on_device / 2 ** 30), (mesh_axes, name)
+      assert got[name]["gib"] == pytest.approx(sum(x.nbytes for x in leaves) / 2 ** 30), (mesh_axes, name)
+      split = sum(x.addressable_shards[0].data.shape != x.shape for x in leaves)
+      assert (got[name]["split"], got[name]["arrays"]) == (split, len(leaves)), (mesh_axes, name)
+      if "fsdp" in mesh_axes:
+        assert split > 0 and got[name]["gib_per_device"] < got[name]["gib"], name
+      else:
+        assert split == 0 and got[name]["gib_per_device"] == got[name]["gib"], name
+
+
 @pytest.mark.full
 def test_the_command_reports_a_tiny_step_on_v5e_2x2(tmp_path):
   """Through the command users type: the tiny stage-1 step at 128 px on a 2x2 v5e slice, with the Pallas kernel
@@ -83,6 +106,11 @@ def test_the_command_reports_a_tiny_step_on_v5e_2x2(tmp_path):
   assert report["flops_per_device"] > 1e9  # the UNet's forward and backward pass over 2 samples of 16 x 16 latents
   assert report["estimated_step_seconds"] > 0 and 0 < report["mfu"] < 1
   assert report["collectives"]["all-reduce"]["bytes"] > 0  # the data-parallel gradient reduction
+  placed = report["placement"]  # a data mesh: every argument replicated, the frozen models most of them
+  assert all(p["split"] == 0 and p["gib_per_device"] == p["gib"] for p in placed.values())
+  assert placed["frozen"]["gib"] > placed["trained"]["gib"] > 0
+  assert report["argument_gib"] >= sum(p["gib_per_device"] for p in placed.values())
+  assert any(line.startswith("placement (GiB in all, per device, arrays split): trained ") for line in lines)
 
 
 @pytest.mark.full
@@ -189,7 +217,7 @@ def test_flops_and_estimate_count_every_accumulation_step(monkeypatch):
   monkeypatch.setattr(plan, "_target", lambda name: plan._Target("cpu:2", name, devices, 2, 2 ** 30, 1e12))
   stats = {"flops": 3e9, "estimated_seconds": 0.01, "bytes_per_device": 2 ** 20, "argument_bytes": 2 ** 20,
            "output_bytes": 0, "temp_bytes": 0, "alias_bytes": 0, "compile_seconds": 1.0,
-           "mesh": {"data": 2, "fsdp": 1, "tensor": 1}, "batch_shards": 2}
+           "mesh": {"data": 2, "fsdp": 1, "tensor": 1}, "batch_shards": 2, "placement": {}}
   monkeypatch.setattr(plan, "compile_plan", lambda cfg, devices: (dict(stats), ""))
   r = plan.plan(load_config("tiny_stage1", batch_size=16, grad_accum=4), "cpu-2")
   assert r["flops_per_device"] == 4 * 3e9 and r["flops_per_step"] == 2 * 4 * 3e9

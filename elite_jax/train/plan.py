@@ -161,6 +161,20 @@ def _with_batch(cfg: ml_collections.ConfigDict, batch_size: int) -> ml_collectio
   return cfg
 
 
+def placement(program: program_lib.TrainProgram) -> dict[str, dict[str, float]]:
+  """Where the rules table puts the step's arguments: per group (the trained mapper, its optimizer state, the frozen
+  models) the GiB in all and on each device, and how many of its arrays are split across devices."""
+  state = program.abstract_state()
+  out = {}
+  for name, tree in (("trained", state.params), ("optimizer", state.opt_state), ("frozen", program.frozen)):
+    leaves = jax.tree.leaves(tree)
+    out[name] = {
+        "gib": sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves) / GiB,
+        "gib_per_device": sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves) / GiB,
+        "arrays": len(leaves), "split": sum(not x.sharding.is_fully_replicated for x in leaves)}
+  return out
+
+
 def compile_plan(cfg: ml_collections.ConfigDict, devices: list) -> tuple[dict[str, Any], str]:
   """(XLA's figures for the step of ``cfg`` on ``devices``, the compiled program's text)."""
   mesh = sharding.make_mesh(**cfg.mesh, devices=devices)
@@ -174,6 +188,7 @@ def compile_plan(cfg: ml_collections.ConfigDict, devices: list) -> tuple[dict[st
   stats["compile_seconds"] = time.perf_counter() - start
   stats["mesh"] = dict(mesh.shape)
   stats["batch_shards"] = sharding.batch_shards(mesh)
+  stats["placement"] = placement(program)
   return stats, compiled.as_text()
 
 
@@ -319,7 +334,7 @@ def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dic
         "flops_per_step": flops * len(devices) if flops is not None else None,
         "estimated_step_seconds": t, "samples_per_second": cfg.batch_size / t if t else None,
         "mfu": flops / (t * peak) if t and flops else None, "collectives": collectives(hlo),
-        "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
+        "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'), "placement": stats["placement"],
         "compile_seconds": stats["compile_seconds"]})
   if search or not fits:
     shards = stats.get("batch_shards") or sharding.batch_shards(sharding.make_mesh(**cfg.mesh, devices=devices))
@@ -361,6 +376,9 @@ def describe(report: dict[str, Any]) -> str:
       (f"FLOPs per step: {r['flops_per_step']:.3e} ({r['flops_per_device']:.3e} per device)"
        if r["flops_per_step"] is not None else "FLOPs per step: not given by XLA for this target"),
       f"collectives per device: {coll}; Mosaic (Pallas) kernels: {r['mosaic_kernels']}",
+      "placement (GiB in all, per device, arrays split): " + ", ".join(
+          f"{k} {v['gib']:.2f}, {v['gib_per_device']:.2f}, {v['split']} of {v['arrays']}"
+          for k, v in r["placement"].items()),
       (f"XLA's estimate: {1e3 * r['estimated_step_seconds']:.1f} ms per step, {sps} samples/s, MFU {mfu}"
        if r["estimated_step_seconds"] else "XLA's estimate: none given for this program"),
       f"compiled in {r['compile_seconds']:.1f} s",
