@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from elite_jax import sharding
 from elite_jax.errors import InputError
@@ -111,6 +113,27 @@ def test_the_command_reports_a_tiny_step_on_v5e_2x2(tmp_path):
   assert placed["frozen"]["gib"] > placed["trained"]["gib"] > 0
   assert report["argument_gib"] >= sum(p["gib_per_device"] for p in placed.values())
   assert any(line.startswith("placement (GiB in all, per device, arrays split): trained ") for line in lines)
+
+
+@pytest.mark.full
+def test_bf16_pallas_attention_compiles_for_a_tpu_under_the_steps_precision():
+  """The training step traces under matmul precision "highest", which Mosaic refuses on bf16 operands ("Bad lhs
+  type"); the Pallas attention's forward and backward kernels still compile for a v5e chip in bf16 and float32."""
+  _need_libtpu()
+  from elite_jax.models import attention
+
+  _, devices, _ = plan.topology("v5e:2x2")
+  mesh = sharding.make_mesh(data=4, devices=devices)
+
+  def loss(q, k, v):
+    out = attention.dot_product_attention(q, k, v, implementation="pallas")
+    return out.astype(jnp.float32).sum()
+
+  for dtype in (jnp.bfloat16, jnp.float32):
+    args = [jax.ShapeDtypeStruct((4, 256, 2, 64), dtype, sharding=NamedSharding(mesh, P(sharding.BATCH)))] * 3
+    with jax.default_matmul_precision("highest"), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+    assert compiled.as_text().count('custom_call_target="tpu_custom_call"') >= 2, dtype  # forward and backward
 
 
 @pytest.mark.full

@@ -22,6 +22,7 @@ Every attention of the models (the UNet's self- and cross-attention, the CLIP to
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -222,8 +223,15 @@ def _pallas_flash(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax
     out = fa.flash_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                              causal=causal, sm_scale=q.shape[-1] ** -0.5)
     return out.transpose(0, 2, 1, 3)
-  # Mosaic's kernel where the program is for a TPU, Pallas' interpreter elsewhere (tests on a CPU).
-  run = flash if target_platform() == "tpu" else _interpreted(flash)
+  # Mosaic's kernel where the program is for a TPU, Pallas' interpreter elsewhere (tests on a CPU). Mosaic refuses a
+  # "highest" or "float32" matmul precision (the training step's default) on bf16 or fp16 operands ("Bad lhs type"):
+  # there the kernel's products run at the default precision, exact for them (float32 accumulation) in any case.
+  contexts = []
+  if q.dtype != jnp.float32:
+    contexts.append(lambda: jax.default_matmul_precision("default"))
+  if target_platform() != "tpu":
+    contexts.append(_interpret_mode)
+  run = _within(contexts, flash) if contexts else flash
   # XLA cannot partition a Mosaic kernel: under a mesh (the training step's), each device runs it on its own
   # samples (and heads, over "tensor"), as a shard_map.
   mesh = jax.sharding.get_abstract_mesh()
@@ -239,21 +247,31 @@ def _pallas_flash(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax
   return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
-def _interpreted(fn):
-  """``fn`` with every Pallas call it traces, its backward pass's included, in TPU interpret mode (off a TPU)."""
+def _interpret_mode():
   from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+  return pltpu.force_tpu_interpret_mode()
+
+
+def _within(contexts: list, fn):
+  """``fn`` with every Pallas call it traces, its backward pass's included (traced later, by the caller's
+  differentiation), inside the context managers ``contexts`` make."""
+  def enter():
+    stack = contextlib.ExitStack()
+    for make in contexts:
+      stack.enter_context(make())
+    return stack
 
   @jax.custom_vjp
   def call(*args):
-    with pltpu.force_tpu_interpret_mode():
+    with enter():
       return fn(*args)
 
   def fwd(*args):
-    with pltpu.force_tpu_interpret_mode():
+    with enter():
       return jax.vjp(fn, *args)
 
   def bwd(vjp_fn, g):
-    with pltpu.force_tpu_interpret_mode():
+    with enter():
       return vjp_fn(g)
   call.defvjp(fwd, bwd)
   return call
