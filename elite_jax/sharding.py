@@ -50,7 +50,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     raise InputError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {need} devices, have {len(devices)}")
   devices = devices[:need]
   # Auto axes: GSPMD propagates shardings through convolutions without per-op annotations.
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+  # TPU slices joined by the data-center network: data parallelism across them (one gradient all-reduce per step
+  # over the slow links), fsdp and tensor within each, on its fast interconnect.
+  if sizes[0] % slices or need != len(devices):
+    raise InputError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} on {slices} TPU slices: data must be "
+                     f"a multiple of {slices} (it runs across slices) and the mesh must use all {len(devices)} devices")
+  from jax.experimental import mesh_utils  # noqa: PLC0415
+  grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // slices, sizes[1], sizes[2]), (slices, 1, 1), devices)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def _divisible_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:

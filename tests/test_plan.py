@@ -137,6 +137,28 @@ def test_bf16_pallas_attention_compiles_for_a_tpu_under_the_steps_precision():
 
 
 @pytest.mark.full
+def test_two_slices_data_parallel_across_them(tmp_path):
+  """N x TOPOLOGY is N slices joined by the data-center network: the mesh puts the data axis across slices and fsdp
+  within each; the command compiles the tiny step for two v5e:2x2 slices."""
+  _need_libtpu()
+  name, devices, chips = plan.topology("2xv5e:2x2")
+  assert (name, len(devices), chips) == ("2xv5e:2x2", 8, 8)
+  mesh = sharding.make_mesh(data=2, fsdp=4, devices=devices)
+  assert [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]
+  with pytest.raises(InputError, match="data must be a multiple of 2"):
+    sharding.make_mesh(data=1, fsdp=8, devices=devices)
+  out = tmp_path / "plan.jsonl"
+  proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_stage1.py"),
+                         "--config.batch_size=8", "--config.data.resolution=128", "--aot", "2xv5e:2x2",
+                         "--aot_json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1].startswith("fits: stage 1, batch_size 8 on 2xv5e:2x2 (8 x TPU v5 lite)")
+  report = json.loads(out.read_text())
+  assert (report["devices"], report["chips"], report["mesh"]["data"]) == (8, 8, 8)
+  assert report["collectives"]["all-reduce"]["bytes"] > 0
+
+
+@pytest.mark.full
 def test_the_command_reports_a_tiny_step_on_two_h100s_without_a_gpu(tmp_path):
   """The same command for 2 NVIDIA H100s of one host, compiled by XLA's GPU compiler through the CUDA plugin on this
   machine, which has no GPU and no driver (compile-only devices from the plan's H100 target description)."""
@@ -268,8 +290,10 @@ def test_topology_names():
   assert plan.TOPOLOGIES["v5e-16"] == "v5e:4x4" and plan.TOPOLOGIES["v5e-256"] == "v5e:16x16"
   assert plan.TOPOLOGIES["v4-8"] == "v4:2x2x1" and plan.TOPOLOGIES["v5p-8"] == "v5p:2x2x1"
   assert plan._GPU_NAME.match("h100-8").groups() == ("h100", "8") and not plan._GPU_NAME.match("h100-")
-  with pytest.raises(InputError, match="unknown TPU topology 'v5e16'"):
-    plan.topology("v5e16")
+  assert plan._SLICES.match("2xv5e-16").groups() == ("2", "v5e-16") and not plan._SLICES.match("v5e:2x2")
+  for bad in ("v5e16", "2xv5e16", "0xv5e-16"):
+    with pytest.raises(InputError, match=f"unknown TPU topology '{bad}'"):
+      plan.topology(bad)
 
 
 def _shapes(tree):

@@ -66,6 +66,7 @@ dnn_version_info { major: 9 minor: 8 patch: 0 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """}
 _GPU_NAME = re.compile(r"^(h100)(?:-(\d+))?$")
+_SLICES = re.compile(r"^(\d+)x(v\d.*)$")  # 2xv5e-16: two v5e-16 slices, joined by the data-center network
 
 # Cloud TPU accelerator types -> libtpu topologies (v4 and v5p count TensorCores, two per chip; v5e and v6e chips).
 _GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
@@ -83,29 +84,34 @@ def topology(name: str) -> tuple[str, list, int]:
   gpu = _GPU_NAME.match(name)
   if gpu:
     return _gpu_topology(gpu.group(1), int(gpu.group(2) or 1))
-  topo_name = TOPOLOGIES.get(name, name)
-  if ":" not in topo_name:
+  many = _SLICES.match(name)
+  slices, one = (int(many.group(1)), many.group(2)) if many else (1, name)
+  topo_name = TOPOLOGIES.get(one, one)
+  if ":" not in topo_name or slices < 1:
     raise InputError(f"unknown TPU topology {name!r}; expected an accelerator type ({', '.join(sorted(TOPOLOGIES))}) "
-                     f"or a libtpu topology such as v5e:4x4, or GPUs such as h100-8")
+                     f"or a libtpu topology such as v5e:4x4, either after N x for N slices (2xv5e-16), or GPUs such as "
+                     f"h100-8")
   # libtpu reads the host's TPU from these and warns when it finds none; this host has none, so say so. A compiled
   # program for devices this process does not have cannot be cached (nor read back) by the persistent cache.
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", name if name in TOPOLOGIES else "v5litepod-1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", one if one in TOPOLOGIES else "v5litepod-1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU to own here: plans may compile side by side
   jax.config.update("jax_enable_compilation_cache", False)
   try:
     from jax.experimental import topologies  # noqa: PLC0415
     # v4 and v5p chips hold two TensorCores, which JAX shows as one device ("megacore"), as on a real pod.
-    megacore = {"chip_config_name": "megacore"} if topo_name.split(":")[0] in ("v4", "v5p") else {}
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo_name, **megacore)
+    options = {"chip_config_name": "megacore"} if topo_name.split(":")[0] in ("v4", "v5p") else {}
+    if slices > 1:
+      options["num_slices"] = slices
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo_name, **options)
   except Exception as e:  # libtpu missing, or a topology it refuses (v5e:1x1 is smaller than a host's 2x2)
     import importlib.util  # noqa: PLC0415
     hint = ("ahead-of-time compilation needs libtpu: pip install \"jax[tpu]=={jax.__version__}\""
             if importlib.util.find_spec("libtpu") is None else "libtpu refuses this topology; try a whole host, "
             "such as v5e-4 or v4-8")
     raise InputError(f"cannot compile for TPU topology {topo_name!r} ({_first_line(e)}); {hint}") from None
-  chips = math.prod(int(x) for x in topo_name.split(":")[1].split("x"))
-  return topo_name, list(desc.devices), chips
+  chips = slices * math.prod(int(x) for x in topo_name.split(":")[1].split("x"))
+  return (f"{slices}x{topo_name}" if slices > 1 else topo_name), list(desc.devices), chips
 
 
 def _first_line(e: Exception) -> str:
@@ -284,7 +290,9 @@ def _target(name: str) -> _Target:
     raise InputError(f"no HBM figure for {kind!r} (known: {', '.join(CHIPS)})")
   chip = CHIPS[kind]
   per_chip = len(devices) // chips  # 1: v4 and v5p are compiled in megacore mode, a device per chip
-  accelerator = name if name in TOPOLOGIES or _GPU_NAME.match(name) else topo_name
+  many = _SLICES.match(name)
+  named = name in TOPOLOGIES or _GPU_NAME.match(name) or (many and many.group(2) in TOPOLOGIES)
+  accelerator = name if named else topo_name
   return _Target(topo_name, accelerator, devices, chips, chip.hbm_bytes // per_chip, chip.peak_flops / per_chip)
 
 
