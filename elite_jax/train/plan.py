@@ -297,8 +297,8 @@ def _target(name: str) -> _Target:
 
 
 def _estimate(compiled) -> float | None:
-  """XLA's time estimate of a compiled program; none where it gives a negative number (seen with Mosaic kernels in
-  the program) or has no cost analysis (compile-only GPUs)."""
+  """XLA's time estimate of a compiled program; none where it gives a negative number (v4 and v5e programs, with or
+  without Mosaic kernels) or has no cost analysis (compile-only GPUs)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else (cost or {})
   estimate = float(cost.get("optimal_seconds", 0.0))
