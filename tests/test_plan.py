@@ -245,6 +245,9 @@ def test_max_batch_search_and_the_verdict(monkeypatch):
   tried.clear()
   assert plan.max_batch(cfg, [], 16, shards=4) == 32
   assert len(tried) == 4, tried  # 8, 16, then the line's 32 and 40 to confirm
+  log = {}
+  plan.max_batch(cfg, [], 16, shards=4, tried=log)
+  assert log == {b: cases["linear"](b) for b in (8, 16, 32, 40)}
   tried.clear()
   assert plan.max_batch(cfg, [], 16, shards=4, known={16: cases["linear"](16)}) == 32 and 16 not in tried
   assert plan.max_batch(cfg, [], 1, shards=64) == 0
@@ -268,6 +271,12 @@ def test_flops_and_estimate_count_every_accumulation_step(monkeypatch):
   assert r["flops_per_device"] == 4 * 3e9 and r["flops_per_step"] == 2 * 4 * 3e9
   assert r["estimated_step_seconds"] == pytest.approx(0.04) and r["samples_per_second"] == pytest.approx(16 / 0.04)
   assert r["mfu"] == pytest.approx(4 * 3e9 / (0.04 * 1e12))
+  # With the search: each compile's GiB in the report and in one line of its text (16 known; 40 refused by XLA).
+  monkeypatch.setattr(plan, "_need", lambda cfg, devices: 2 ** 25 * cfg.batch_size if cfg.batch_size < 40 else
+                      math.inf)
+  r = plan.plan(load_config("tiny_stage1", batch_size=16, grad_accum=4), "cpu-2", search=True)
+  assert r["max_batch_size"] == 32 and r["max_batch_tries"] == {32: 1.0, 40: None}
+  assert "max-batch search, GiB per device: 32: 1.00, 40: refused" in plan.describe(r).splitlines()
 
 
 @pytest.mark.full

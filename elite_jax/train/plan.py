@@ -225,10 +225,10 @@ def _line_guess(need: dict[int, float], capacity: int) -> int | None:
 
 
 def max_batch(cfg, devices, capacity: int, shards: int, limit: int = 4096,
-              known: dict[int, float] | None = None) -> int:
+              known: dict[int, float] | None = None, tried: dict[int, float] | None = None) -> int:
   """The largest batch_size that fits (0: not even the smallest), by compiling, over multiples of the step's
   granularity (data shards x grad_accum, and stage 2's w0 group); ``known``: {batch_size: bytes per device} already
-  compiled. A real-size compile takes 15-20 minutes and memory grows about linearly with the batch, so each next try
+  compiled; ``tried`` receives {batch_size: bytes per device (inf: refused)} of each compile. A real-size compile takes 15-20 minutes and memory grows about linearly with the batch, so each next try
   is where the line through the two largest compiled sizes meets the capacity (held inside what is known; at the
   largest size that fits, the one above it, to confirm), for three tries, then doubling and bisection: 4 compiles
   where memory is linear, where doubling and bisection take 6-8, and the same answer wherever memory grows with the
@@ -251,6 +251,8 @@ def max_batch(cfg, devices, capacity: int, shards: int, limit: int = 4096,
       k = min(max(guess, lo + 1), hi - 1)  # at or below lo: confirm the size above it
       line_tries -= 1
     need[k] = _need(_with_batch(cfg, k * unit), devices)
+    if tried is not None:
+      tried[k * unit] = need[k]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +349,9 @@ def plan(cfg: ml_collections.ConfigDict, name: str, search: bool = False) -> dic
   if search or not fits:
     shards = stats.get("batch_shards") or sharding.batch_shards(sharding.make_mesh(**cfg.mesh, devices=devices))
     known = {int(cfg.batch_size): stats.get("bytes_per_device", math.inf)}
-    report["max_batch_size"] = max_batch(cfg, devices, capacity, shards, known=known)
+    tried: dict[int, float] = {}
+    report["max_batch_size"] = max_batch(cfg, devices, capacity, shards, known=known, tried=tried)
+    report["max_batch_tries"] = {b: (v / GiB if math.isfinite(v) else None) for b, v in tried.items()}
   return report
 
 
@@ -390,6 +394,9 @@ def describe(report: dict[str, Any]) -> str:
       (f"XLA's estimate: {1e3 * r['estimated_step_seconds']:.1f} ms per step, {sps} samples/s, MFU {mfu}"
        if r["estimated_step_seconds"] else "XLA's estimate: none given for this program"),
       f"compiled in {r['compile_seconds']:.1f} s",
+      *([("max-batch search, GiB per device: " + ", ".join(
+          f"{b}: {'refused' if g is None else f'{g:.2f}'}" for b, g in r["max_batch_tries"].items()))]
+        if r.get("max_batch_tries") else []),
       verdict(r)])
 
 
