@@ -228,10 +228,12 @@ def max_batch(cfg, devices, capacity: int, shards: int, limit: int = 4096,
               known: dict[int, float] | None = None, tried: dict[int, float] | None = None) -> int:
   """The largest batch_size that fits (0: not even the smallest), by compiling, over multiples of the step's
   granularity (data shards x grad_accum, and stage 2's w0 group); ``known``: {batch_size: bytes per device} already
-  compiled; ``tried`` receives {batch_size: bytes per device (inf: refused)} of each compile. A real-size compile takes 15-20 minutes and memory grows about linearly with the batch, so each next try
-  is where the line through the two largest compiled sizes meets the capacity (held inside what is known; at the
-  largest size that fits, the one above it, to confirm), for three tries, then doubling and bisection: 4 compiles
-  where memory is linear, where doubling and bisection take 6-8, and the same answer wherever memory grows with the
+  compiled; ``tried`` receives {batch_size: bytes per device (inf: refused)} of each compile.
+
+  A real-size compile takes 2-35 minutes and memory often grows about linearly with the batch, so each next try is
+  where the line through the two largest compiled sizes meets the capacity (held inside what is known; at the largest
+  size that fits, the one above it, to confirm), for three tries, then doubling and bisection: 4 compiles where
+  memory is linear, where doubling and bisection take 6-8, and the same answer wherever memory grows with the
   batch."""
   unit = shards * int(cfg.grad_accum) * (int(cfg.quirks.w0_max_group) if cfg.stage == 2 else 1)
   top = limit // unit
