@@ -7,8 +7,8 @@
 
 Each row times softmax(q k^T / sqrt(d)) v on the same float32 inputs, in one process: "xla" is
 jax.nn.dot_product_attention's composite, "cpu" what the "cpu" implementation runs by default (ELITE_JAX_NATIVE=auto:
-the fused C++ kernel of elite_jax/native where its self-check found it faster), "kernel" that kernel's build called
-directly, "cpu_blocked" the XLA form "cpu" falls back to (what ELITE_JAX_NATIVE=0 runs; models/attention.py;
+the fused C++ kernel of elite_jax/native where its self-check found it faster; the header's "default_build" says
+which build), "kernel" the ``--isa`` build called directly, "cpu_blocked" the XLA form "cpu" falls back to (what ELITE_JAX_NATIVE=0 runs; models/attention.py;
 "cpu_NMB" with one block size for heads and queries alike), "torch" PyTorch's fused CPU kernel. ``--grad`` also
 times a training use, the value and gradient of sum(out * w) with respect to q, k and v ("*_grad"). ms per call is
 the median after warm-up; "per image" divides by the batch, so a kernel whose per-image cost grows with the batch
@@ -75,8 +75,10 @@ def main() -> None:
             "default_uses_kernel": native.available(), "torch_isa": torch.backends.cpu.get_cpu_capability(),
             "torch_env": {k: os.environ[k] for k in TORCH_ISA["x86-64-v3"] if k in os.environ},
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "date": time.strftime("%Y-%m-%d")}
-  if kernel is not None and native.mode() == "auto":
-    header["self_check"] = selfcheck.choice().summary(kernel)
+  if kernel is not None and native.mode() == "auto":  # the build "cpu" runs: this one, or the AVX2 one if faster
+    got = selfcheck.choice()
+    header["default_build"] = selfcheck.chosen_build(got, kernel).describe()
+    header["self_check"] = got.summary(selfcheck.chosen_build(got, kernel))
   print(json.dumps(header), flush=True)
   for shape in args.shapes:
     n, h, d, *keys = (int(x) for x in shape.split(","))

@@ -150,8 +150,8 @@ def test_the_self_check_decides_by_every_shape():
   assert not selfcheck.decide([1.0, 2.1], [3.0, 2.0])  # slower on one shape: the XLA form, however fast elsewhere
 
 
-def _fake_kernel(tmp_path):
-  return native.Kernel(str(tmp_path / "attention_cpu-0123456789abcdef.so"), "t", "native", 16, 96, 64, -1)
+def _fake_kernel(tmp_path, arch="native", width=16):
+  return native.Kernel(str(tmp_path / f"attention_cpu-{arch}-0123456789abcdef.so"), "t", arch, width, 96, 64, -1)
 
 
 @pytest.mark.parametrize("kernel_ms,use", [(1.0, True), (3.0, False)])
@@ -161,30 +161,84 @@ def test_the_self_check_is_measured_once_and_cached(tmp_path, kernel_ms, use):
   kernel = _fake_kernel(tmp_path)
   calls = []
 
-  def timer(k):
-    calls.append(k)
-    return [kernel_ms] * len(selfcheck.SHAPES), [2.0] * len(selfcheck.SHAPES)
-  got = selfcheck.choose(kernel, timer)
-  assert got.use_kernel is use and got.source == "measured now" and calls == [kernel]
+  def timer(ks):
+    calls.append(ks)
+    return [[kernel_ms] * len(selfcheck.SHAPES)], [2.0] * len(selfcheck.SHAPES)
+  got = selfcheck.choose(kernel, timer, builds=[kernel])
+  assert got.use_kernel is use and got.source == "measured now" and calls == [[kernel]] and got.arch == "native"
   with open(selfcheck.cache_path(kernel)) as f:
     assert json.load(f)["use_kernel"] is use
-  again = selfcheck.choose(kernel, lambda k: pytest.fail("timed again"))
+  again = selfcheck.choose(kernel, lambda ks: pytest.fail("timed again"))
   assert again.use_kernel is use and again.source.startswith("cached in ") and again.kernel_ms == got.kernel_ms
   summary = again.summary(kernel)
   assert ("the fused kernel" if use else "the XLA form") in summary and f"{2.0 / kernel_ms:.2f}" in summary
 
 
-def test_a_cache_from_other_shapes_is_measured_again(tmp_path):
+def test_the_self_check_picks_the_faster_build():
+  """Of the builds at least as fast as the XLA form on every shape, the one fastest against it overall."""
+  xla = [2.0, 2.0]
+  assert selfcheck.pick([[1.0, 1.0], [0.5, 0.9]], xla) == 1  # the second faster everywhere
+  assert selfcheck.pick([[1.0, 1.0], [0.5, 2.1]], xla) == 0  # the second slower than XLA on one shape: never
+  assert selfcheck.pick([[1.0, 1.9], [1.9, 1.0]], xla) in (0, 1)  # a tie either way
+  assert selfcheck.pick([[0.5, 1.9], [1.5, 1.0]], xla) == 0  # geometric mean 0.49 against 0.61 of the XLA form
+  assert selfcheck.pick([[3.0, 1.0], [1.0, 3.0]], xla) is None  # none everywhere: the XLA form
+
+
+@pytest.mark.parametrize("v3_ms,chosen", [(0.5, "x86-64-v3"), (1.5, "native"), (2.5, "native")])
+def test_the_self_check_chooses_between_builds_and_caches_it(tmp_path, v3_ms, chosen):
+  """Forced timings for a 16-float native build (1 ms) and the AVX2 build, against the XLA form at 2 ms: the faster
+  build is chosen, cached with the other's figures, and read back as it was written."""
+  default, v3 = _fake_kernel(tmp_path), _fake_kernel(tmp_path, "x86-64-v3", 8)
+  n = len(selfcheck.SHAPES)
+  got = selfcheck.choose(default, lambda ks: ([[1.0] * n, [v3_ms] * n], [2.0] * n), builds=[default, v3])
+  assert got.use_kernel and got.arch == chosen and got.kernel_ms == ((v3_ms if chosen == "x86-64-v3" else 1.0),) * n
+  other = "native" if chosen == "x86-64-v3" else "x86-64-v3"
+  assert [arch for arch, _ in got.others] == [other]
+  again = selfcheck.choose(default, lambda ks: pytest.fail("timed again"))
+  assert (again.arch, again.kernel_ms, again.others) == (got.arch, got.kernel_ms, got.others)
+  assert f"the {other} build" in again.summary(v3 if chosen == "x86-64-v3" else default)
+  if chosen == "native":
+    assert selfcheck.chosen_build(again, default) is default
+
+
+def test_the_avx2_build_is_timed_beside_a_16_float_native_one():
+  kernel = native.kernel()
+  archs = [k.arch for k in selfcheck.candidates(kernel)]
+  wide = kernel.arch == "native" and kernel.width == 16 and "x86-64-v3" in native.supported_archs()
+  assert archs == (["native", "x86-64-v3"] if wide else [kernel.arch])
+  narrow = native.Kernel(kernel.path, kernel.target, "native", 8, 32, 64, -1)  # an AVX2 CPU's native build
+  assert selfcheck.candidates(narrow) == [narrow]
+
+
+@pytest.mark.parametrize("old", [{"shapes": [[1, 2, 3, 4, 5]]}, {"shapes": list(map(list, selfcheck.SHAPES))}])
+def test_a_cache_from_other_shapes_or_builds_is_measured_again(tmp_path, old):
+  """A cache of other shapes, or of an elite_jax that timed one build only (no "arch"), is measured again."""
   kernel = _fake_kernel(tmp_path)
   with open(selfcheck.cache_path(kernel), "w") as f:
-    json.dump({"use_kernel": False, "shapes": [[1, 2, 3, 4, 5]], "kernel_ms": [1], "xla_ms": [1]}, f)
-  got = selfcheck.choose(kernel, lambda k: ([1.0] * len(selfcheck.SHAPES), [2.0] * len(selfcheck.SHAPES)))
+    json.dump({"use_kernel": False, "kernel_ms": [1] * 4, "xla_ms": [1] * 4, **old}, f)
+  n = len(selfcheck.SHAPES)
+  got = selfcheck.choose(kernel, lambda ks: ([[1.0] * n], [2.0] * n), builds=[kernel])
   assert got.use_kernel and got.source == "measured now"
 
 
 def test_the_self_check_times_both_forms():
-  ms_kernel, ms_xla = selfcheck.measure(native.kernel(), shapes=((1, 64, 80, 2, 8),), reps=1)
+  (ms_kernel,), ms_xla = selfcheck.measure([native.kernel()], shapes=((1, 64, 80, 2, 8),), reps=1)
   assert len(ms_kernel) == len(ms_xla) == 1 and ms_kernel[0] > 0 and ms_xla[0] > 0
+
+
+@pytest.mark.skipif("x86-64-v3" not in native.supported_archs(), reason="this CPU does not run AVX2 code")
+def test_auto_calls_the_build_the_self_check_chose(monkeypatch):
+  """Where the self-check chose the AVX2 build, the "cpu" attention calls that build's FFI target, not the
+  default one's."""
+  monkeypatch.setenv(native.MODE_ENV, "auto")
+  v3 = native.load("x86-64-v3")
+  monkeypatch.setattr(selfcheck, "choice", lambda: selfcheck.Choice(True, (), (), (), "test", "x86-64-v3"))
+  assert native.active() is v3
+  x = jnp.ones((1, 64, 2, 8))
+  text = jax.jit(lambda x: attention.dot_product_attention(x, x, x, implementation="cpu")).lower(x).as_text()
+  assert v3.target in text and (v3.target == native.kernel().target or native.kernel().target not in text)
+  out = jax.jit(lambda x: attention.dot_product_attention(x, x, x, implementation="cpu"))(x)
+  np.testing.assert_allclose(np.asarray(out), np.ones((1, 64, 2, 8)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("use", [True, False])
@@ -217,7 +271,12 @@ def test_the_report_command_measures_then_reads_the_cache(tmp_path):
   assert first["use_kernel"] == second["use_kernel"] == selfcheck.decide(first["kernel_ms"], first["xla_ms"])
   assert len(first["kernel_ms"]) == len(selfcheck.SHAPES) and first["kernel"].startswith("native, ")
   library = os.path.basename(first["library"])[:-len(".so")]
-  assert sorted(os.listdir(tmp_path)) == sorted(library + end for end in (".so", ".choice.json", ".choice.json.lock"))
+  files = {library + end for end in (".so", ".choice.json", ".choice.json.lock")}
+  chosen = os.path.basename(first["chosen_library"])
+  assert first["chosen"].startswith(("native, ", "x86-64-v3, ")) and chosen in os.listdir(tmp_path)
+  if "16 floats" in first["kernel"]:  # the AVX2 build beside it, which the self-check timed too
+    files.add(os.path.basename(native.build("x86-64-v3")))
+  assert set(os.listdir(tmp_path)) == files
 
 
 @pytest.mark.parametrize("env", [{"CXX": "false"}, {native.OFF_ENV: "0"}])

@@ -9,7 +9,8 @@ built elsewhere could not be; the build takes a few seconds, once per machine, j
 Settings (environment):
 
 - ``ELITE_JAX_NATIVE``: ``auto`` (default) uses the kernel where it is faster than the XLA form on this machine, as
-  timed once next to the build (``selfcheck.py``); ``1`` always uses it, ``0`` never.
+  timed once next to the build (``selfcheck.py``; on AVX-512 CPUs the AVX2 build is timed too and the faster one
+  used); ``1`` always uses the ``ELITE_JAX_NATIVE_ARCH`` build, ``0`` never.
 - ``ELITE_JAX_NATIVE_ARCH``: the compiler's target, ``native`` (default), ``x86-64-v3`` (AVX2), ``x86-64-v4``
   (AVX-512), ``generic`` (the compiler's default target: SSE2 on x86-64, NEON on aarch64) or any ``-march`` value.
 - ``ELITE_JAX_NATIVE_DIR``: where libraries go, else ``$XDG_CACHE_HOME/elite_jax/native``
@@ -232,6 +233,16 @@ def kernel() -> Kernel | None:
   return got if isinstance(got, Kernel) else None
 
 
+def active() -> Kernel | None:
+  """The build the "cpu" attention calls: the default one (``kernel()``), or under ``auto`` the one the self-check
+  chose (the AVX2 build, where it was faster than the native one)."""
+  default = kernel()
+  if default is None or mode() != "auto":
+    return default
+  from elite_jax.native import selfcheck  # noqa: PLC0415 - see available()
+  return selfcheck.chosen_build(selfcheck.choice(), default)
+
+
 def available() -> bool:
   """Whether the "cpu" attention should call the kernel in this process: it is built and loaded, and either
   ``ELITE_JAX_NATIVE=1`` or, under ``auto``, this machine's self-check found it faster than the XLA form."""
@@ -270,7 +281,7 @@ def _call(target, q, k, v):
 
 
 def _call_default(q, k, v):
-  got = kernel()
+  got = active()
   if got is None:
     raise RuntimeError(f"the native attention kernel could not be built ({_default()})")
   return got(q, k, v)

@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.remeasure and os.path.exists(selfcheck.cache_path(kernel)):
       os.unlink(selfcheck.cache_path(kernel))
     got = selfcheck.choose(kernel)
-    report.update(use_kernel=got.use_kernel, shapes=got.shapes, kernel_ms=got.kernel_ms, xla_ms=got.xla_ms,
-                  summary=got.summary(kernel))
+    chosen = selfcheck.chosen_build(got, kernel)
+    report.update(use_kernel=got.use_kernel, chosen=chosen.describe(), chosen_library=chosen.path,
+                  shapes=got.shapes, kernel_ms=got.kernel_ms, xla_ms=got.xla_ms, others=got.others,
+                  summary=got.summary(chosen))
   print(json.dumps(report))
   return 0
 
