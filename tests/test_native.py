@@ -179,7 +179,6 @@ def test_the_self_check_picks_the_faster_build():
   xla = [2.0, 2.0]
   assert selfcheck.pick([[1.0, 1.0], [0.5, 0.9]], xla) == 1  # the second faster everywhere
   assert selfcheck.pick([[1.0, 1.0], [0.5, 2.1]], xla) == 0  # the second slower than XLA on one shape: never
-  assert selfcheck.pick([[1.0, 1.9], [1.9, 1.0]], xla) in (0, 1)  # a tie either way
   assert selfcheck.pick([[0.5, 1.9], [1.5, 1.0]], xla) == 0  # geometric mean 0.49 against 0.61 of the XLA form
   assert selfcheck.pick([[3.0, 1.0], [1.0, 3.0]], xla) is None  # none everywhere: the XLA form
 
