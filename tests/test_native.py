@@ -225,6 +225,12 @@ def test_the_self_check_times_both_forms():
   assert len(ms_kernel) == len(ms_xla) == 1 and ms_kernel[0] > 0 and ms_xla[0] > 0
 
 
+def test_a_chosen_build_that_cannot_be_built_falls_back_to_the_default():
+  default = native.kernel()
+  got = selfcheck.Choice(True, (), (), (), "test", "no-such-cpu")  # -march=no-such-cpu: the compiler refuses it
+  assert selfcheck.chosen_build(got, default) is default
+
+
 @pytest.mark.skipif("x86-64-v3" not in native.supported_archs(), reason="this CPU does not run AVX2 code")
 def test_auto_calls_the_build_the_self_check_chose(monkeypatch):
   """Where the self-check chose the AVX2 build, the "cpu" attention calls that build's FFI target, not the

@@ -145,8 +145,16 @@ def choice() -> Choice:
 
 
 def chosen_build(got: Choice, kernel: native.Kernel) -> native.Kernel:
-  """The build ``got`` names, loaded; ``kernel``: the default build (its own where ``got`` names none)."""
-  return kernel if got.arch in (None, kernel.arch) else native.load(got.arch)
+  """The build ``got`` names, loaded; ``kernel``: the default build (its own where ``got`` names none, or where the
+  named one can no longer be built: one warning, as a cached choice must not stop a run)."""
+  if got.arch in (None, kernel.arch):
+    return kernel
+  try:
+    return native.load(got.arch)
+  except RuntimeError as e:
+    log.warning("elite_jax: the chosen %s build of the CPU attention is unavailable (%s); using %s", got.arch, e,
+                kernel.arch)
+    return kernel
 
 
 def choose(kernel: native.Kernel, timer: Callable = measure, builds: Sequence[native.Kernel] | None = None) -> Choice:
